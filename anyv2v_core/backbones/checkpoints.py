@@ -66,7 +66,8 @@ def load_state_dict_file(
         # mmap avoids holding the file twice in memory; only the zip format supports it
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
-        culprit = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        culprit = next((line for line in str(error).splitlines() if "Unsupported global" in line), "")
+        culprit = culprit.split(" was not an allowed global")[0].strip()
         raise ModelLoadError(
             f"{path} was refused: it contains Python objects other than tensors and plain containers, "
             f"which are not loaded because unpickling them could run code{f' ({culprit})' if culprit else ''}. "
