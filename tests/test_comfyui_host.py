@@ -1,0 +1,341 @@
+"""The pack inside a real ComfyUI server: load, list, queue the example workflow, validate.
+
+Skipped unless COMFYUI_DIR points at a ComfyUI checkout. COMFYUI_PYTHON is the Python of
+that checkout's environment (default: the interpreter running the tests). Everything the
+server writes (user data, inputs, outputs, temp files) goes to a tmp folder; the pack and the
+tiny I2VGen-XL oracle model are reached through an extra_model_paths.yaml (`custom_nodes:` and
+`diffusers:` entries), so the ComfyUI checkout is not modified.
+
+Run: COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/ComfyUI/.venv/bin/python \
+     pytest tests/test_comfyui_host.py -s
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, oracle_path
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+pytestmark = [
+    pytest.mark.comfyui_host,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)"),
+]
+
+OUR_NODES = ("LoadI2VBackbone", "AnyV2VSelectFrames", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
+             "FirstFrameEditor")
+TINY_MODEL = "anyv2v-tiny-i2vgenxl"
+FRAMES, SIZE = 8, 64
+STARTUP_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 600
+
+# Tiny settings for the tiny model: one input value per (class_type, input name).
+TINY_SETTINGS = {
+    "LoadVideo": {"file": "source.mp4"},
+    "LoadImage": {"image": "edited_first_frame.png"},
+    "LoadI2VBackbone": {"model": TINY_MODEL, "repo_id": "", "dtype": "fp32"},
+    "AnyV2VSelectFrames": {"start_frame": 0, "every_nth": 1, "frame_count": 0},
+    "DDIMInvertVideo": {"width": SIZE, "height": SIZE, "frame_count": FRAMES, "inversion_steps": 10, "sampling_steps": 5},
+    "FirstFrameEditor": {"width": SIZE, "height": SIZE, "steps": 2},
+    "InjectedSampler": {"prompt": "a blue square moving"},
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MiniWebSocket:
+    """Just enough of RFC 6455 to read ComfyUI's status messages (stdlib only)."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(f"websocket upgrade refused: {head[:200]!r}")
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        return chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self.buffer += self._recv()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)  # client frames must be masked
+        header = bytes([0x80 | opcode, 0x80 | len(payload)])  # control payloads are < 126 bytes
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def receive(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next whole data message; answers pings, raises on close."""
+        message, message_opcode = b"", None
+        while True:
+            first, second = self._read(2)
+            opcode, length = first & 0x0F, second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            mask = self._read(4) if second & 0x80 else None
+            payload = self._read(length)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if opcode == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if opcode == 0x9:
+                self._send(0xA, payload)
+                continue
+            if opcode == 0xA:
+                continue
+            message += payload
+            message_opcode = opcode if opcode else message_opcode
+            if first & 0x80:
+                return message_opcode, message
+
+    def close(self) -> None:
+        try:
+            self._send(0x8, b"")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class ComfyServer:
+    def __init__(self, base: str, process: subprocess.Popen, log_path: Path, output_dir: Path) -> None:
+        self.base, self.process, self.log_path, self.output_dir = base, process, log_path, output_dir
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def get(self, path: str, timeout: float = 60):
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def post_prompt(self, prompt: dict, client_id: str) -> tuple[int, dict]:
+        body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
+        request = urllib.request.Request(self.base + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def run(self, prompt: dict) -> dict:
+        """Queue a prompt, follow the websocket until it finishes; returns what was seen."""
+        client_id = uuid.uuid4().hex
+        host, port = self.base.removeprefix("http://").split(":")
+        socket_ = MiniWebSocket(host, int(port), f"/ws?clientId={client_id}", timeout=RUN_TIMEOUT_S)
+        seen = {"executed": [], "cached": [], "progress": 0, "error": None}
+        try:
+            status, answer = self.post_prompt(prompt, client_id)
+            assert status == 200, f"/prompt refused the workflow: {json.dumps(answer, indent=1)[:3000]}"
+            prompt_id = answer["prompt_id"]
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while time.monotonic() < deadline:
+                opcode, payload = socket_.receive()
+                if opcode != 0x1:
+                    continue  # binary frames are previews
+                message = json.loads(payload)
+                kind, data = message["type"], message.get("data", {})
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                if kind == "executed":
+                    seen["executed"].append(data["node"])
+                elif kind == "execution_cached":
+                    seen["cached"].extend(data["nodes"])
+                elif kind == "progress":
+                    seen["progress"] += 1
+                elif kind == "execution_error":
+                    seen["error"] = data
+                elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                    break
+            else:
+                pytest.fail(f"the workflow did not finish within {RUN_TIMEOUT_S} s\n{self.log_tail()}")
+        finally:
+            socket_.close()
+        seen["history"] = self.get(f"/history/{prompt_id}")[prompt_id]
+        return seen
+
+
+def api_workflow(name: str) -> dict:
+    """An API-format example workflow with the tiny model and tiny settings."""
+    prompt = json.loads((REPO_ROOT / "workflows" / "api" / name).read_text())
+    for node in prompt.values():
+        for key, value in TINY_SETTINGS.get(node["class_type"], {}).items():
+            assert key in node["inputs"], f"{name}: {node['class_type']} has no input {key}"
+            node["inputs"][key] = value
+    return prompt
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    (found,) = [key for key, node in prompt.items() if node["class_type"] == class_type]
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = oracle_path("anyv2v-i2vgenxl") / "model"
+    if not (Path(COMFYUI_DIR) / "main.py").is_file():
+        pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py; point it at a ComfyUI checkout")
+    root = tmp_path_factory.mktemp("comfyui_host")
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
+    (root / "diffusers").mkdir()
+    (root / "diffusers" / TINY_MODEL).symlink_to(model, target_is_directory=True)
+    base = root / "base"
+    (base / "input").mkdir(parents=True)
+    write_source_video(base / "input" / "source.mp4")
+    shutil.copyfile(oracle_path("anyv2v-i2vgenxl") / "edited_first_frame.png", base / "input" / "edited_first_frame.png")
+    config = root / "extra_model_paths.yaml"
+    config.write_text(f"anyv2v_host_test:\n    custom_nodes: {root / 'custom_nodes'}\n    diffusers: {root / 'diffusers'}\n")
+
+    port = free_port()
+    log_path = root / "server.log"
+    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--output-directory", str(base / "output"),
+               "--extra-model-paths-config", str(config), "--database-url", "sqlite:///:memory:"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+    host = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base / "output")
+    try:
+        started = time.monotonic()
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} while starting:\n{host.log_tail()}")
+            try:
+                host.get("/system_stats", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() - started > STARTUP_TIMEOUT_S:
+                    pytest.fail(f"ComfyUI was not ready after {STARTUP_TIMEOUT_S} s:\n{host.log_tail()}")
+                time.sleep(1)
+        print(f"\nComfyUI ready in {time.monotonic() - started:.1f} s ({COMFYUI_DIR})")
+        yield host
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def write_source_video(path: Path) -> None:
+    from anyv2v_core.video import read_frames, write_video
+
+    frames, _ = read_frames(oracle_path("anyv2v-i2vgenxl") / "source_frames")
+    write_video(path, frames, fps=8)
+
+
+def read_output_video(server: ComfyServer, history: dict) -> tuple[Path, int, tuple[int, int]]:
+    from anyv2v_core.video import read_frames
+
+    files = [item for output in history["outputs"].values() for item in output.get("images", [])]
+    assert len(files) == 1, f"expected one saved video, got {files}"
+    path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
+    assert path.is_file(), f"{path} was reported but does not exist"
+    frames, _ = read_frames(path)
+    return path, int(frames.shape[0]), (int(frames.shape[2]), int(frames.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_pack_loads_and_lists_nodes(server):
+    failed = [line for line in server.log_path.read_text(errors="replace").splitlines()
+              if "(IMPORT FAILED)" in line and line.rstrip().endswith("anyv2v")]
+    assert not failed, f"ComfyUI could not import the pack:\n{server.log_tail(120)}"
+    info = server.get("/object_info")
+    missing = [name for name in OUR_NODES if name not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}\n{server.log_tail()}"
+    for name in OUR_NODES:
+        assert info[name]["category"].startswith("AnyV2V/"), info[name]["category"]
+        assert info[name]["description"], f"{name} has no description"
+    models = info["LoadI2VBackbone"]["input"]["required"]["model"][0]
+    assert TINY_MODEL in models, f"the tiny model is not listed from the diffusers path: {models}"
+    print(f"/object_info lists {len(OUR_NODES)} AnyV2V nodes; LoadI2VBackbone models: {models}")
+
+
+def test_external_first_frame_workflow_runs_and_caches_inversion(server):
+    prompt = api_workflow("anyv2v_external_first_frame.json")
+    started = time.monotonic()
+    first = server.run(prompt)
+    assert first["error"] is None, f"execution error: {first['error']}\n{server.log_tail()}"
+    path, count, size_wh = read_output_video(server, first["history"])
+    print(f"first run: {time.monotonic() - started:.1f} s, {first['progress']} progress messages, "
+          f"saved {path.name} with {count} frames at {size_wh[0]}x{size_wh[1]}")
+    assert count == FRAMES and size_wh == (SIZE, SIZE)
+    assert first["progress"] > 0, "no progress message reached the websocket"
+
+    # invert once, edit many: a new prompt must reuse the cached inversion
+    prompt[node_id(prompt, "InjectedSampler")]["inputs"]["prompt"] = "a green square moving"
+    started = time.monotonic()
+    second = server.run(prompt)
+    assert second["error"] is None, f"execution error: {second['error']}\n{server.log_tail()}"
+    assert node_id(prompt, "DDIMInvertVideo") in second["cached"], f"inversion re-ran: cached {second['cached']}"
+    _, count, _ = read_output_video(server, second["history"])
+    print(f"second run (new prompt): {time.monotonic() - started:.1f} s, cached nodes {sorted(second['cached'])}")
+    assert count == FRAMES
+
+
+def test_bad_inputs_are_validation_errors(server):
+    # the prompt-edit workflow asks for an InstructPix2Pix model that the test host does not have
+    prompt = api_workflow("anyv2v_prompt_edit.json")
+    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
+    assert status == 400, answer
+    errors = answer["node_errors"][node_id(prompt, "FirstFrameEditor")]["errors"]
+    print(f"missing InstructPix2Pix model -> HTTP {status}: {errors[0]['details']}")
+    assert errors[0]["type"] == "custom_validation_failed" and "instruct" in errors[0]["details"].lower()
+
+    # inversion steps that never reach the sampling timesteps
+    prompt = api_workflow("anyv2v_external_first_frame.json")
+    prompt[node_id(prompt, "DDIMInvertVideo")]["inputs"].update(inversion_steps=3, sampling_steps=5)
+    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
+    assert status == 400, answer
+    errors = answer["node_errors"][node_id(prompt, "DDIMInvertVideo")]["errors"]
+    print(f"3 inversion steps for 5 sampling steps -> HTTP {status}: {errors[0]['details']}")
+    assert "inversion" in errors[0]["details"]
+
+    # a model name outside the configured folders
+    prompt[node_id(prompt, "DDIMInvertVideo")]["inputs"].update(inversion_steps=10)
+    prompt[node_id(prompt, "LoadI2VBackbone")]["inputs"]["model"] = "../" + TINY_MODEL
+    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
+    assert status == 400, answer
+    errors = answer["node_errors"][node_id(prompt, "LoadI2VBackbone")]["errors"]
+    print(f"model '../{TINY_MODEL}' -> HTTP {status}: {errors[0]['details']}")
+    assert server.process.poll() is None, "the server died on a bad input"
