@@ -224,10 +224,7 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: [(B F), h*w, C]; text: [B, L, D] -> [(B F), h*w, C]."""
-        # K/V are the same for every frame of a video: project once, then repeat per frame.
-        k = self.to_k(text).repeat_interleave(num_frames, dim=0)
-        v = self.to_v(text).repeat_interleave(num_frames, dim=0)
-        return self.attend(self.to_q(x), k, v)
+        return _attend_per_video(self, self.to_q(x), text)
 
 
 class RelativePositionBias(nn.Module):
@@ -278,12 +275,20 @@ class TemporalCrossAttention(TemporalAttention):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: [(B F), h*w, C]; text: [B, L, D] -> [(B F), h*w, C]."""
-        tokens = _frames_last(x, num_frames)  # [(B h w), F, C]
-        locations = x.shape[1]
-        q = self.rotary_emb.rotate(self.to_q(tokens))  # positions 0..F-1
-        k = self.to_k(text).repeat_interleave(locations, dim=0)
-        v = self.to_v(text).repeat_interleave(locations, dim=0)
-        return _frames_first(self.attend(q, k, v), locations)
+        q = self.rotary_emb.rotate(self.to_q(_frames_last(x, num_frames)))  # [(B h w), F, C], positions 0..F-1
+        return _frames_first(_attend_per_video(self, q, text), x.shape[1])
+
+
+def _attend_per_video(attention: Attention, q: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cross-attention of queries q [(B n), L, C] (batch-major, n groups per video) to the text of
+    their video, text [B, T, D]; returns [(B n), L, C].
+
+    Each query attends to the same keys whatever group it is in, so all of a video's queries are
+    attended in one sequence: K/V are projected once per video instead of once per group.
+    """
+    batch = text.shape[0]
+    out = attention.attend(q.reshape(batch, -1, q.shape[-1]), attention.to_k(text), attention.to_v(text))
+    return out.reshape(q.shape)
 
 
 def _frames_last(x: torch.Tensor, num_frames: int) -> torch.Tensor:
