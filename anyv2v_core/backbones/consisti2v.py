@@ -33,6 +33,7 @@ from ..schedule import NoiseSchedule
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .checkpoints import load_state_dict_file
 from .consisti2v_unet import ConsistI2VUNet, ConsistI2VUNetConfig
+from .vae_frames import decode_latents, encode_frames
 
 logger = logging.getLogger("AnyV2V")
 
@@ -127,9 +128,9 @@ class ConsistI2VBackbone(Backbone):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = Path(folder)
-        missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
+        missing = [f"{name}/" for name in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / name).is_dir()]
         if missing:
-            raise ModelLoadError(f"{folder} is not a ConsistI2V model folder: {', '.join(missing)}/ missing; "
+            raise ModelLoadError(f"{folder} is not a ConsistI2V model folder: {', '.join(missing)} missing; "
                                  "download the whole TIGER-Lab/ConsistI2V repository")
         unet = load_unet(folder / "unet", dtype=dtype, allow_pickle=allow_pickle)
         use_safetensors = not allow_pickle
@@ -178,18 +179,18 @@ class ConsistI2VBackbone(Backbone):
             return replace(source, first_frame_latents=edit.first_frame_latents)
         return source
 
+    def video_latents(self, latents: torch.Tensor, row: ConsistI2VRow) -> torch.Tensor:
+        """The whole video [1, C, F, h, w]: the row's first-frame latent, then the sampled frames
+        (the reference decodes the edited first frame's latent as frame 0)."""
+        return torch.cat([row.first_frame_latents.to(latents), latents], dim=2)
+
     # ------------------------------------------------------------------------------------------ networks
 
-    @torch.inference_mode()
     def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents [1, C, F, h, w] of all frames [F, H, W, 3] (frame 0 included)."""
-        latents = []
-        for frame in frames:  # one frame at a time, as the reference does
-            pixels = (frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(self.device, self.vae.dtype)
-            posterior = self.vae.encode(pixels).latent_dist
-            latent = posterior.mean if generator is None else posterior.sample(generator)
-            latents.append(latent.to(torch.float32) * self.vae_scaling_factor)
-        return torch.stack(latents, dim=2)
+        """Latents [1, C, F, h, w] of all frames [F, H, W, 3] (frame 0 included), one frame at a
+        time as the reference does."""
+        return encode_frames(self.vae, frames, scaling_factor=self.vae_scaling_factor, device=self.device,
+                             generator=generator)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[ConsistI2VRow]) -> torch.Tensor:
@@ -201,16 +202,10 @@ class ConsistI2VBackbone(Backbone):
         output = self.unet(latents.to(device, dtype), timestep, text, first_frames, self.frame_stride)
         return output.to(torch.float32)
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
         """Frames [F, H, W, 3] from the latents of the whole video [1, C, F, h, w]."""
-        frames_latents = latents[0].permute(1, 0, 2, 3) / self.vae_scaling_factor  # [F, C, h, w]
-        frames = []
-        for start in range(0, frames_latents.shape[0], max(1, chunk_size)):
-            chunk = frames_latents[start : start + max(1, chunk_size)].to(self.device, self.vae.dtype)
-            pixels = self.vae.decode(chunk, return_dict=False)[0]
-            frames.append((pixels.to(torch.float32) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
-        return torch.cat(frames)
+        return decode_latents(self.vae, latents, scaling_factor=self.vae_scaling_factor, device=self.device,
+                              chunk_size=chunk_size)
 
 
 def read_scheduler_config(folder: Path) -> dict:
