@@ -1,0 +1,128 @@
+"""What every image-to-video backbone provides to the AnyV2V algorithm.
+
+Inversion (`inversion.py`), feature injection (`injection.py`) and the injected sampling loop
+(`sampling.py`) are written once against this interface. A backbone owns its networks, knows
+how to turn a first frame and a prompt into the conditioning of one batch row, and runs its
+UNet on a batch of rows.
+
+Layouts: frames are float tensors [F, H, W, 3] in 0..1 (ComfyUI's IMAGE layout); latents are
+[B, C, F, h, w] float32 and already multiplied by the VAE scaling factor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class InjectionLayers:
+    """Module names (as in `unet.named_modules()`) whose outputs the source row overwrites.
+
+    conv: convolutions whose output is the residual branch to inject (a resnet's `conv2`).
+    spatial_attention / temporal_attention: self-attention modules with `to_q` and `to_k`
+    projections; their Q and K (never V) are injected.
+    """
+
+    conv: tuple[str, ...]
+    spatial_attention: tuple[str, ...]
+    temporal_attention: tuple[str, ...]
+
+    def all_names(self) -> tuple[str, ...]:
+        return self.conv + self.spatial_attention + self.temporal_attention
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """The reference's settings for this backbone; nodes and the CLI start from these."""
+
+    size_wh: tuple[int, int]
+    num_frames: int
+    fps: int
+    inversion_steps: int
+    sampling_steps: int
+    cfg: float
+    start_index: int
+    negative_prompt: str
+
+
+class RowCondition:
+    """Conditioning of one batch row (text, first-frame image, masks...). Opaque to the loops;
+    each backbone defines its own subclass and knows how to batch it."""
+
+
+class Backbone(ABC):
+    """An image-to-video model wrapped for AnyV2V."""
+
+    name: str
+    unet: torch.nn.Module
+    schedule: NoiseSchedule
+    defaults: BackboneDefaults
+    injection_layers: InjectionLayers  # the paper's default injection points for this model
+    vae_scale_factor: int  # pixels per latent pixel
+    device: torch.device
+    dtype: torch.dtype
+    # Leading frames of the video that the model takes as a condition and does not generate
+    # (ConsistI2V: the first frame). Inverted and sampled latents hold only the other frames;
+    # `video_latents` puts the condition frames back in front.
+    conditioning_frames: int = 0
+    # The reference's edit sampler, sample_edit's default: "ddim" or "ddpm" (SEINE).
+    sampler: str = "ddim"
+
+    @abstractmethod
+    def condition(
+        self,
+        first_frame: torch.Tensor,
+        prompt: str,
+        *,
+        num_frames: int,
+        fps: int,
+        unconditional: bool = False,
+    ) -> RowCondition:
+        """Conditioning of one row from a first frame [1, H, W, 3] and a prompt.
+
+        `unconditional` marks the negative row of classifier-free guidance, for models whose
+        negative row also drops image information (I2VGen-XL zeroes the CLIP image embedding).
+        """
+
+    @abstractmethod
+    def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Clean latents [1, C, F, h, w] of frames [F, H, W, 3]; the posterior mean unless a
+        generator is given, in which case the posterior is sampled with it."""
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[RowCondition]) -> torch.Tensor:
+        """UNet output (noise or v, per `schedule.prediction_type`) for latents [B, C, F, h, w]
+        at one timestep, row b conditioned on rows[b]. Returns float32 [B, C, F, h, w]."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+        """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w],
+        decoding `chunk_size` frames at a time."""
+
+    def source_row_for_edit(self, source: RowCondition, edit: RowCondition) -> RowCondition:
+        """The source row's conditioning during injected sampling, from the inversion's source row
+        and the edit prompt's row. The inversion's own by default; a backbone overrides this to
+        reproduce a reference that conditions the source branch otherwise."""
+        return source
+
+    def video_latents(self, latents: torch.Tensor, row: RowCondition) -> torch.Tensor:
+        """Latents of the whole video [1, C, F, h, w] from sampled latents and the row they were
+        sampled with: the same tensor unless `conditioning_frames` > 0."""
+        return latents
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        """Move every network to `device` (the offload policies use this)."""
+        for module in self.modules().values():
+            module.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The backbone's networks by component name (unet, vae, text_encoder, ...)."""

@@ -1,0 +1,126 @@
+"""Command line: `python -m anyv2v_core edit ...` (and `demo` once the toy backbone is shipped).
+
+On bad input the CLI prints one line, "error: <what is wrong and how to fix it>", and exits with
+status 2, without a traceback. Every check that needs no model runs before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import AnyV2VError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (width x height), got {text!r}") from None
+    return width, height
+
+
+def _tau(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a tau is a fraction of the steps in [0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    edit = commands.add_parser("edit", help="edit a video from an edited first frame and a prompt")
+    edit.add_argument("--model", required=True, help="diffusers I2VGen-XL folder or Hugging Face repo id")
+    edit.add_argument("--video", required=True, type=Path, help="source video file or folder of frames (sorted by name)")
+    edit.add_argument("--edited-first-frame", required=True, type=Path, help="the edited first frame (PNG/JPEG)")
+    edit.add_argument("--prompt", required=True, help="text describing the edited video")
+    edit.add_argument("--out", required=True, type=Path, help="output .mp4")
+    edit.add_argument("--negative-prompt", default=None, help="default: the paper's negative prompt")
+    edit.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default 500)")
+    edit.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    edit.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 9.0)")
+    edit.add_argument("--start-index", type=int, default=None, help="first sampling step (T' in the paper, default 0)")
+    edit.add_argument("--conv-tau", type=_tau, default=0.2, help="fraction of steps with conv injection")
+    edit.add_argument("--spatial-tau", type=_tau, default=0.2, help="fraction of steps with spatial Q/K injection")
+    edit.add_argument("--temporal-tau", type=_tau, default=0.5, help="fraction of steps with temporal Q/K injection")
+    edit.add_argument("--fps", type=int, default=None, help="target_fps micro-condition and output fps (default 8)")
+    edit.add_argument("--frames", type=int, default=None, help="number of source frames to edit (default: all)")
+    edit.add_argument("--size", type=_size, default=None, help="working size WxH, multiples of 8 (default 512x512)")
+    edit.add_argument("--resize", choices=("stretch", "crop", "pad"), default="stretch", help="resize policy")
+    edit.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: its mean)")
+    edit.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    edit.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for files you trust")
+    edit.add_argument("--decode-chunk-size", type=int, default=1, help="frames decoded at once by the VAE")
+    edit.add_argument("--save-latents", type=Path, default=None,
+                      help="also write final latents and the inverted start latent (.safetensors)")
+    edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from .injection import InjectionSettings
+    from .loading import load_backbone
+    from .pipeline import EditSettings, edit
+    from .video import check_output_path, check_size, read_frames, read_image, write_video
+
+    # checks that need no model, before the model loads
+    check_output_path(args.out, overwrite=args.overwrite)
+    if args.save_latents is not None:
+        check_output_path(args.save_latents, overwrite=args.overwrite)
+    if args.size is not None:
+        check_size(args.size)
+    settings = EditSettings(
+        negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
+        fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
+        start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
+        injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau),
+    )
+    frames, _ = read_frames(args.video)
+    edited_first_frame = read_image(args.edited_first_frame)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle)
+    started = time.perf_counter()
+    result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
+                  progress=_print_progress)
+    print(file=sys.stderr)
+    write_video(args.out, result.frames, result.fps, overwrite=args.overwrite)
+    if args.save_latents is not None:
+        _save_latents(args.save_latents, result, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({result.frames.shape[0]} frames) in {time.perf_counter() - started:.1f} s")
+
+
+def _save_latents(path: Path, result, *, overwrite: bool) -> None:
+    from safetensors.torch import save_file
+
+    from .video import _write_atomically, check_output_path
+
+    tensors = {"latents": result.latents.contiguous(), "inverted_start": result.inverted_start.contiguous()}
+    _write_atomically(check_output_path(path, overwrite=overwrite), lambda tmp: save_file(tensors, tmp))
+
+
+def _print_progress(done: int, total: int) -> None:
+    print(f"\rstep {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "edit":
+            run_edit(args)
+    except AnyV2VError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0

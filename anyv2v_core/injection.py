@@ -1,0 +1,146 @@
+"""AnyV2V's feature injection: the source branch's features overwrite the edit branches'.
+
+At every sampling step the UNet runs on a batch whose first row is the *source* branch (the
+inverted source latent with the source conditioning) and whose other rows are the edit
+branches. While a kind of injection is active, its features in the edit rows are replaced by
+the source row's:
+
+- conv: the residual branch of one decoder resnet, taken at the output of its `conv2`
+  (before the skip connection is added);
+- spatial: Q and K (never V) of the spatial self-attention in the decoder's transformer blocks;
+- temporal: Q and K of the temporal self-attention at the same places.
+
+Each kind k is active on the first int(num_steps * tau_k) timesteps of the full sampling
+schedule, counted before the start-index slice (as the reference does).
+
+All three kinds are implemented the same way: a forward hook on the module that produces the
+tensor (the conv, `to_q`, `to_k`). Every layout involved is batch-major ([B*F, ...] spatially,
+[B*h*w, ...] temporally, [B, ...] for convs), so the batch splits into equal row blocks and
+block 0 is the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbones.base import InjectionLayers
+from .errors import AnyV2VError
+
+KINDS = ("conv", "spatial", "temporal")
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    """When each kind of feature is injected, as a fraction of the sampling steps, and where."""
+
+    conv_tau: float = 0.2
+    spatial_tau: float = 0.2
+    temporal_tau: float = 0.5
+    layers: InjectionLayers | None = None  # None: the backbone's default layers
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            tau = getattr(self, f"{kind}_tau")
+            if not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:
+                raise AnyV2VError(f"{kind}_tau must be a fraction of the steps in [0, 1], got {tau!r}")
+
+    def tau(self, kind: str) -> float:
+        return float(getattr(self, f"{kind}_tau"))
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    """Which kinds are active at which timestep, and at which modules."""
+
+    layers: InjectionLayers
+    active_timesteps: dict[str, frozenset[int]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, timesteps: list[int], settings: InjectionSettings, default_layers: InjectionLayers) -> "InjectionPlan":
+        """Plan for a full sampling schedule `timesteps` (descending, before any start-index slice)."""
+        num_steps = len(timesteps)
+        windows = {kind: frozenset(timesteps[: int(num_steps * settings.tau(kind))]) for kind in KINDS}
+        return cls(layers=settings.layers or default_layers, active_timesteps=windows)
+
+    def active_kinds(self, timestep: int) -> tuple[str, ...]:
+        return tuple(kind for kind in KINDS if timestep in self.active_timesteps.get(kind, ()))
+
+    def needs_source(self, timestep: int) -> bool:
+        """The source row only matters through injection: once no kind is active it can be dropped."""
+        return bool(self.active_kinds(timestep))
+
+    def modules_of(self, kind: str) -> tuple[str, ...]:
+        return {"conv": self.layers.conv, "spatial": self.layers.spatial_attention,
+                "temporal": self.layers.temporal_attention}[kind]
+
+
+class FeatureInjector:
+    """Hook state: which kinds fire on the next UNet call, and how many row blocks the batch has."""
+
+    def __init__(self) -> None:
+        self.active: tuple[str, ...] = ()
+        self.num_rows = 1
+        self.events: dict[str, int] = {kind: 0 for kind in KINDS}  # hook firings, for tests and logs
+
+    def set_step(self, active_kinds: tuple[str, ...], num_rows: int) -> None:
+        """Call before each UNet call: row 0 of a `num_rows`-row batch is the source branch."""
+        self.active = active_kinds if num_rows > 1 else ()
+        self.num_rows = num_rows
+
+    def hook_for(self, kind: str):
+        def copy_source_rows(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+            if kind not in self.active:
+                return None
+            if output.shape[0] % self.num_rows:
+                raise RuntimeError(f"{kind} injection: batch {output.shape[0]} does not split into {self.num_rows} rows")
+            self.events[kind] += 1
+            blocks = output.unflatten(0, (self.num_rows, -1))  # [rows, per-row batch, ...]
+            return blocks[:1].expand_as(blocks).reshape(output.shape)
+
+        return copy_source_rows
+
+
+def resolve_hook_targets(unet: torch.nn.Module, plan: InjectionPlan) -> list[tuple[str, torch.nn.Module]]:
+    """(kind, module) pairs to hook; a clear error names any layer the model does not have."""
+    modules = dict(unet.named_modules())
+    targets, missing = [], []
+    for kind in KINDS:
+        for name in plan.modules_of(kind):
+            if kind == "conv":
+                names = [name]
+            else:
+                names = [f"{name}.to_q", f"{name}.to_k"]
+            for target in names:
+                if target in modules:
+                    targets.append((kind, modules[target]))
+                else:
+                    missing.append(target)
+    if missing:
+        raise AnyV2VError(
+            f"the model has no layer(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} targeted by "
+            "feature injection; this UNet has another structure: pass injection layers that exist in it"
+        )
+    return targets
+
+
+@contextmanager
+def injected(unet: torch.nn.Module, plan: InjectionPlan) -> Iterator[FeatureInjector]:
+    """Install the injection hooks on `unet` for the duration of the block, and always remove them."""
+    injector = FeatureInjector()
+    handles = []
+    try:
+        for kind, module in resolve_hook_targets(unet, plan):
+            handles.append(module.register_forward_hook(injector.hook_for(kind)))
+        yield injector
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def has_injection_hooks(unet: torch.nn.Module) -> bool:
+    """True if any module of `unet` still carries a forward hook (a leaked patch)."""
+    return any(module._forward_hooks for module in unet.modules())

@@ -1,0 +1,157 @@
+"""Loading an image-to-video backbone safely.
+
+Rules: safetensors only unless the caller opts in to pickle weights (`allow_pickle=True`, and
+even then transformers/diffusers load them without executing code where they can); never
+`trust_remote_code`; no network unless `source` is a Hugging Face repo id given on purpose.
+Every check that needs no weights runs before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .backbones.base import Backbone
+from .errors import ModelLoadError
+
+logger = logging.getLogger("AnyV2V")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# pipeline class in model_index.json -> backbone name
+PIPELINE_CLASSES = {"I2VGenXLPipeline": "i2vgen-xl"}
+
+# component -> (subfolder, weight file stem); tokenizer, feature_extractor and scheduler hold no weights
+I2VGENXL_COMPONENTS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "image_encoder": "model",
+    "tokenizer": None,
+    "feature_extractor": None,
+    "scheduler": None,
+}
+CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "feature_extractor": "preprocessor_config.json",
+                "scheduler": "scheduler_config.json"}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local folder, or a Hugging Face repo id downloaded (safetensors and configs only)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; pass the model folder that contains model_index.json")
+        return path
+    text = str(source)
+    if not REPO_ID.match(text):
+        raise ModelLoadError(f"model folder {path} does not exist; pass a diffusers model folder or a repo id like ali-vilab/i2vgen-xl")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelLoadError(f"{text} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it; "
+                             "download it once (huggingface-cli download) and pass the folder")
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s from the Hugging Face Hub (safetensors and configs only)", text)
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as error:  # the hub raises many types; the user needs one message
+        raise ModelLoadError(f"could not download {text}: {error}") from None
+
+
+def read_model_index(folder: Path) -> dict:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{folder} has no model_index.json: it is not a diffusers model folder "
+                             "(download the whole repository, e.g. huggingface-cli download ali-vilab/i2vgen-xl --local-dir ...)")
+    try:
+        return json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({error}); download it again") from None
+
+
+def detect_backbone(folder: Path) -> str:
+    pipeline_class = read_model_index(folder).get("_class_name")
+    if pipeline_class not in PIPELINE_CLASSES:
+        raise ModelLoadError(
+            f"{folder} holds a {pipeline_class} model; AnyV2V needs an image-to-video backbone "
+            f"({', '.join(PIPELINE_CLASSES)}): point it at an I2VGen-XL folder such as models/diffusers/i2vgen-xl"
+        )
+    return PIPELINE_CLASSES[pipeline_class]
+
+
+def check_components(folder: Path, components: dict[str, str | None], *, variant: str | None, allow_pickle: bool) -> bool:
+    """Validate the component folders; returns True when the weights are safetensors."""
+    problems, pickled = [], []
+    for component, stem in components.items():
+        sub = folder / component
+        if not sub.is_dir():
+            problems.append(f"{component}/ is missing")
+            continue
+        if stem is None:
+            if not (sub / CONFIG_FILES[component]).is_file():
+                problems.append(f"{component}/{CONFIG_FILES[component]} is missing")
+            continue
+        if not (sub / "config.json").is_file():
+            problems.append(f"{component}/config.json is missing")
+        names = [stem + (f".{variant}" if variant else "")]
+        safetensors = any((sub / f"{name}.safetensors").is_file() or (sub / f"{name}.safetensors.index.json").is_file()
+                          for name in names)
+        if safetensors:
+            continue
+        if any((sub / f"{name}{suffix}").is_file() for name in names for suffix in PICKLE_SUFFIXES):
+            pickled.append(component)
+        else:
+            wanted = f"{names[0]}.safetensors"
+            problems.append(f"{component}/{wanted} is missing" + (" (drop --variant?)" if variant else ""))
+    if problems:
+        raise ModelLoadError(f"model folder {folder} is incomplete: {'; '.join(problems)}; download the missing files")
+    if pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"{', '.join(pickled)} in {folder} have only pickle weights (.bin), which can run code when loaded; "
+            "convert them to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) if you trust the files"
+        )
+    return not pickled
+
+
+def load_backbone(
+    source: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    backbone: str = "auto",
+) -> Backbone:
+    """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode."""
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    folder = resolve_source(source)
+    name = detect_backbone(folder) if backbone == "auto" else backbone
+    if name != "i2vgen-xl":
+        raise ModelLoadError(f"backbone {name!r} is not supported; use one of: i2vgen-xl")
+    from .backbones.i2vgen_xl import I2VGenXLBackbone
+
+    use_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
+    try:
+        return I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=device, variant=variant,
+                                            use_safetensors=use_safetensors)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load the model in {folder}: {error}") from error

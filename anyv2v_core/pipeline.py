@@ -1,0 +1,94 @@
+"""One call for a whole AnyV2V edit: prepare -> invert -> injected sampling -> decode.
+
+This is what the CLI, the demo and the tests use; the ComfyUI nodes call the same steps one by
+one so ComfyUI can cache the inversion ("invert once, edit many").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbones.base import Backbone
+from .injection import InjectionSettings
+from .inversion import Inversion, Progress, invert_video
+from .sampling import check_sampling_settings, sample_edit
+from .video import prepare_first_frame, prepare_frames
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Every knob of an edit; None means the backbone's reference default."""
+
+    negative_prompt: str | None = None
+    size_wh: tuple[int, int] | None = None
+    resize: str = "stretch"
+    num_frames: int | None = None
+    fps: int | None = None
+    inversion_steps: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    start_index: int | None = None
+    injection: InjectionSettings = field(default_factory=InjectionSettings)
+    decode_chunk_size: int = 1
+    seed: int | None = None  # samples the VAE posterior when set; the posterior mean when None
+
+    def resolved(self, backbone: Backbone) -> "EditSettings":
+        """A copy with every None replaced by the backbone's default, validated."""
+        d = backbone.defaults
+        settings = EditSettings(
+            negative_prompt=d.negative_prompt if self.negative_prompt is None else self.negative_prompt,
+            size_wh=self.size_wh or d.size_wh,
+            resize=self.resize,
+            num_frames=self.num_frames,
+            fps=self.fps or d.fps,
+            inversion_steps=self.inversion_steps or d.inversion_steps,
+            steps=self.steps or d.sampling_steps,
+            cfg=d.cfg if self.cfg is None else self.cfg,
+            start_index=d.start_index if self.start_index is None else self.start_index,
+            injection=self.injection,
+            decode_chunk_size=self.decode_chunk_size,
+            seed=self.seed,
+        )
+        check_sampling_settings(settings.steps, settings.cfg, settings.start_index)
+        return settings
+
+
+@dataclass
+class EditResult:
+    frames: torch.Tensor  # [F, H, W, 3] float32 0..1
+    latents: torch.Tensor  # [1, C, F, h, w] final denoised latents
+    inverted_start: torch.Tensor  # [1, C, F, h, w] the inverted latent sampling started from
+    fps: int
+    inversion: Inversion
+
+
+def edit(
+    backbone: Backbone,
+    source_frames: torch.Tensor,
+    edited_first_frame: torch.Tensor,
+    *,
+    prompt: str,
+    settings: EditSettings = EditSettings(),
+    progress: Progress | None = None,
+) -> EditResult:
+    """Edit a video: the appearance of `edited_first_frame` with the structure and motion of
+    `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
+    s = settings.resolved(backbone)
+    frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
+    first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize)
+    total = s.inversion_steps + s.steps - s.start_index
+    generator = None if s.seed is None else torch.Generator(backbone.device).manual_seed(s.seed)
+
+    def phase(offset: int) -> Progress | None:
+        return None if progress is None else (lambda done, _: progress(offset + done, total))
+
+    inversion = invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps,
+                             fps=s.fps, progress=phase(0), generator=generator)
+    latents = sample_edit(backbone, inversion, first_frame, prompt=prompt, negative_prompt=s.negative_prompt,
+                          injection=s.injection, cfg=s.cfg, start_index=s.start_index,
+                          progress=phase(s.inversion_steps))
+    start = inversion.latent_at(backbone.schedule.timesteps(s.steps)[s.start_index])
+    return EditResult(frames=backbone.decode(latents, s.decode_chunk_size), latents=latents.cpu(),
+                      inverted_start=start, fps=s.fps, inversion=inversion)

@@ -1,0 +1,106 @@
+"""Injected sampling: regenerate the video from the edited first frame with the source's
+structure and motion (AnyV2V, Sec. 3.3).
+
+Sampling starts from the inverted latent at timesteps[start_index] (no added noise). Every
+step runs one batch of rows [source, uncond, cond]:
+- source: the stored inverted latent at t, conditioned on the source first frame and "";
+- uncond: the current latent, the edited first frame, the negative prompt (no image embedding
+  where the model supports it);
+- cond: the current latent, the edited first frame, the edit prompt.
+The source row's prediction is discarded: it exists only to provide the features that
+`injection.py` copies into the other rows. Once every injection window has ended the source row
+is dropped from the batch; it no longer influences anything, so the result is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backbones.base import Backbone
+from .errors import AnyV2VError
+from .injection import InjectionPlan, InjectionSettings, injected
+from .inversion import Inversion, Progress
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def check_sampling_settings(steps: int, cfg: float, start_index: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise AnyV2VError(f"sampling steps must be an integer >= 1 (got {steps!r})")
+    if not 0 <= start_index < steps:
+        raise AnyV2VError(f"start index must be in 0..{steps - 1} for {steps} steps (got {start_index}); 0 is the paper's value")
+    if not cfg > 0:
+        raise AnyV2VError(f"cfg must be positive (got {cfg}); the paper uses 9.0 for I2VGen-XL")
+
+
+def sample_edit(
+    backbone: Backbone,
+    inversion: Inversion,
+    edited_first_frame: torch.Tensor,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    injection: InjectionSettings = InjectionSettings(),
+    cfg: float = 9.0,
+    start_index: int = 0,
+    progress: Progress | None = None,
+    initial_latents: torch.Tensor | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Edited latents [1, C, F, h, w] float32 from an inversion and an edited first frame [1, H, W, 3].
+
+    `initial_latents` replaces the inverted start latent (the paper's "random noise" ablation).
+    `sampler` is "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference edits); None
+    takes the backbone's. DDPM draws its noise from a CPU generator seeded with `seed`, or replays
+    `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
+    """
+    steps = inversion.sampling_steps
+    check_sampling_settings(steps, cfg, start_index)
+    sampler = sampler or backbone.sampler
+    if sampler not in SAMPLERS:
+        raise AnyV2VError(f"sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    if inversion.backbone_name != backbone.name:
+        raise AnyV2VError(f"this inversion was made with {inversion.backbone_name}, not {backbone.name}; invert again")
+    schedule = backbone.schedule
+    timesteps = schedule.timesteps(steps)  # the inversion's timesteps
+    # DDPM runs without the timestep offset (980..0); step i still takes the source latent at timesteps[i]
+    unet_timesteps = timesteps if sampler == "ddim" else schedule.ddpm_timesteps(steps)
+    plan = InjectionPlan.build(unet_timesteps, injection, backbone.injection_layers)
+
+    condition_args = dict(num_frames=inversion.num_frames, fps=inversion.fps)
+    uncond = backbone.condition(edited_first_frame, negative_prompt, unconditional=True, **condition_args)
+    cond = backbone.condition(edited_first_frame, prompt, **condition_args)
+    source = backbone.source_row_for_edit(inversion.source_condition, cond)
+
+    start = inversion.latent_at(timesteps[start_index]) if initial_latents is None else initial_latents
+    latents = start.to(backbone.device, torch.float32)
+    todo = list(zip(timesteps[start_index:], unet_timesteps[start_index:]))
+    if noise is not None and len(noise) < len(todo) - 1:
+        raise AnyV2VError(f"{len(noise)} replayed noise tensors are too few for {len(todo)} DDPM steps")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(), injected(backbone.unet, plan) as injector:
+        for done, (t_source, t) in enumerate(todo, start=1):
+            active = plan.active_kinds(t)
+            if active:
+                rows = [source, uncond, cond]
+                batch = torch.cat([inversion.latent_at(t_source).to(latents.device), latents, latents])
+            else:
+                rows = [uncond, cond]
+                batch = torch.cat([latents, latents])
+            injector.set_step(active, num_rows=len(rows))
+            model_output = backbone.predict(batch, t, rows)
+            output_uncond, output_cond = model_output[-2:-1], model_output[-1:]
+            guided = output_uncond + cfg * (output_cond - output_uncond)
+            if sampler == "ddim":
+                latents = schedule.ddim_move(guided, latents, *schedule.sampling_alphas(t, steps))
+            else:
+                step_noise = None
+                if done < len(todo):
+                    step_noise = noise[done - 1] if noise is not None else torch.randn(latents.shape, generator=generator)
+                    step_noise = step_noise.to(latents.device, torch.float32)
+                latents = schedule.ddpm_move(guided, latents, t, steps, step_noise)
+            if progress is not None:
+                progress(done, len(todo))
+    return backbone.video_latents(latents, cond)

@@ -1,0 +1,25 @@
+"""Shared test fixtures: the parity oracles in ../shared/oracle and offline settings."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ORACLE_ROOT = Path(os.environ.get("ANYV2V_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+
+
+def oracle_path(name: str) -> Path:
+    """Folder of one parity oracle (e.g. "anyv2v-i2vgenxl"); skips the test where it is absent."""
+    path = ORACLE_ROOT / name
+    if not path.is_dir():
+        pytest.skip(f"parity oracle {path} is absent (it lives in ../shared/oracle beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def i2vgenxl_oracle() -> Path:
+    return oracle_path("anyv2v-i2vgenxl")
