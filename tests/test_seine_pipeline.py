@@ -69,7 +69,7 @@ def test_schedule_matches_reference(backbone, inversion_data):
     torch.testing.assert_close(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("start, end", [(0, 1), (1, 21), (481, 501), (981, 997)])
+@pytest.mark.parametrize("start, end", [(0, 1), (1, 21), (981, 997)])
 def test_inversion_segments(backbone, inversion_data, start, end):
     """From a shipped latent, DDIM-invert up to the next shipped timestep (10 steps at most)."""
     saved = dict(zip(inversion_data["saved_latents_timesteps"].tolist(), inversion_data["saved_latents"]))
@@ -104,3 +104,54 @@ def test_pickled_checkpoint_needs_permission(oracle, tmp_path):
         load_seine(sd, tmp_path / "seine.pt")
     backbone = load_seine(sd, tmp_path / "seine.pt", allow_pickle=True)
     assert torch.equal(backbone.unet.conv_in.weight, state["conv_in.weight"])
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("start, num_steps", [(0, 3), (23, 2), (47, 3)])
+def test_ddpm_edit_replays_reference(backbone, oracle, source_frames, inversion_data, edit_data, start, num_steps):
+    """The reference's edit (DDPM, cfg 4, PnP 0.2/0.2/0.5), replayed with its own noise in segments:
+    the first steps (every injection on), the end of the temporal window (t=500), the last steps."""
+    from anyv2v_core.injection import InjectionSettings
+    from anyv2v_core.inversion import Inversion
+    from anyv2v_core.sampling import sample_edit
+
+    saved = dict(zip(inversion_data["saved_latents_timesteps"].tolist(), inversion_data["saved_latents"]))
+    source = backbone.condition(source_frames[:1], "", num_frames=8, fps=8)
+    source.masked_latents = inversion_data["masked_src_video_latent"]
+    inversion = Inversion(latents={t: saved[t] for t in backbone.schedule.timesteps(50)}, source_condition=source,
+                          source_first_frame=source_frames[:1], backbone_name=backbone.name, num_frames=8, fps=8,
+                          inversion_steps=500, sampling_steps=50)
+    edited = read_png(oracle / "pipeline" / "edited_first_frame.png")[None]
+
+    calls = []  # (timestep, UNet input latents) of every call; the last one is recorded, not run
+    predict = backbone.predict
+
+    def recording_predict(latents, timestep, rows):
+        calls.append((timestep, latents.clone()))
+        if len(calls) > num_steps:
+            raise _Stop
+        return predict(latents, timestep, rows)
+
+    backbone.predict = recording_predict
+    try:
+        # (the reference's x_T is its inverted latent at 997, see README: x_t[0] here)
+        x_0 = sample_edit(backbone, inversion, edited, prompt=EDIT_PROMPT, negative_prompt="", cfg=4.0,
+                          injection=InjectionSettings(0.2, 0.2, 0.5), sampler="ddpm", start_index=start,
+                          initial_latents=edit_data["x_t"][start], noise=edit_data["noise"][start:])
+    except _Stop:
+        x_0 = None
+    finally:
+        del backbone.predict
+    timesteps = edit_data["timesteps"].tolist()
+    assert [t for t, _ in calls] == timesteps[start : start + len(calls)]
+    for i, (t, batch) in enumerate(calls, start=start):
+        rows = 3 if t >= 500 else 2  # the source row runs while temporal injection is on (980..500)
+        assert batch.shape[0] == rows
+        if rows == 3:  # DDPM: the source row is the inverted latent at t + 1
+            assert torch.equal(batch[0], saved[t + 1][0])
+        assert_close(batch[-1:], edit_data["x_t"][i])
+    if start + num_steps == len(timesteps):
+        assert_close(x_0, edit_data["x_0"])
