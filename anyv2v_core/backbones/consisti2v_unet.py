@@ -82,8 +82,9 @@ class ConsistI2VUNetConfig:
 
     `attention_head_dim` is, as in diffusers' SD UNets, the number of spatial attention *heads*
     per level (5, 10, 20, 20 in the real model: 64 channels per head).
-    `n_frames` is the frame count the model was trained on, first frame included (16); the
-    forward pass takes its frame count from the input.
+    `n_frames` is the frame count the model was trained on, first frame included (16). The
+    reference hard-wires it into every frame reshape; this port takes the frame count from the
+    input instead (identical for F = n_frames, and other lengths work).
     """
 
     in_channels: int = 4
@@ -257,6 +258,8 @@ class AugmentedTemporalSelfAttention(TemporalAttention):
         tokens = _frames_last(x, num_frames)  # [(B h w), F, C]
         neighbours = _first_frame_neighbours(x, num_frames, height, width)  # [(B h w), 8, C]
         context = torch.cat([tokens, neighbours], dim=1)  # [(B h w), F + 8, C]
+        # Injection hooks see to_q/to_k outputs before the rotation, where the reference's AnyV2V
+        # hooks copy them; every row has the same positions, so copying after would be the same.
         q = self.rotary_emb.rotate(self.to_q(tokens))  # positions 0..F-1
         k = self.to_k(context)
         # Key positions are 0..F-1 for the frames and 0 for frame 0's neighbours; rotating by
