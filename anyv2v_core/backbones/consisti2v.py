@@ -123,7 +123,11 @@ class ConsistI2VBackbone(Backbone):
     def from_folder(cls, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", allow_pickle: bool = False,
                     source_branch_first_frame: str = "edited") -> "ConsistI2VBackbone":
-        """Load a `TIGER-Lab/ConsistI2V`-layout folder (or the tiny oracle model) in eval mode."""
+        """Load a `TIGER-Lab/ConsistI2V`-layout folder (or the tiny oracle model) in eval mode.
+
+        A repo id is resolved to a folder by `loading.load_backbone`. `source_branch_first_frame`:
+        "edited" reproduces the reference (see the module docstring), "source" is the corrected variant.
+        """
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -262,7 +266,9 @@ def load_unet(unet_folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                    (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong)) if v]
         raise ModelLoadError(f"the UNet weights in {unet_folder} do not fit its config: {'; '.join(details)}. "
                              "Is this a ConsistI2V checkpoint with its own unet/config.json?")
-    unet.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    for key in state_dict:  # cast in place: the file's precision is never held twice
+        state_dict[key] = state_dict[key].to(dtype)
+    unet.load_state_dict(state_dict, strict=True, assign=True)
     return unet.eval().requires_grad_(False)
 
 
