@@ -3,7 +3,6 @@ one-time conversion, config fallbacks, clear errors."""
 
 import json
 import logging
-import pickle
 import shutil
 
 import pytest

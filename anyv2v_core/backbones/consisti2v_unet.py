@@ -73,7 +73,6 @@ _TEMPORAL_RESNET_GROUPS = 32
 _TEMPORAL_RESNET_EPS = 1e-6
 _TEMPORAL_RESNET_TEMB_CHANNELS = 512  # its (unused) time_emb_proj input width
 _TRANSFORMER_GROUPNORM_EPS = 1e-6
-_NUM_FIRST_FRAME_NEIGHBOURS = 8  # 3x3 window around a location, centre excluded
 
 
 @dataclass(frozen=True)
@@ -132,10 +131,11 @@ class ConsistI2VUNetConfig:
             if isinstance(value, list):
                 value = tuple(value)
             values[field.name] = value
-        for key in ("attention_head_dim", "layers_per_block", "cross_attention_dim"):
-            if key == "attention_head_dim" and isinstance(values.get(key), int):
-                values[key] = (values[key],) * len(values.get("block_out_channels", cls.block_out_channels))
-            elif key != "attention_head_dim" and isinstance(values.get(key), tuple):
+        if isinstance(values.get("attention_head_dim"), int):  # one head count for every level
+            values["attention_head_dim"] = (values["attention_head_dim"],) * len(
+                values.get("block_out_channels", cls.block_out_channels))
+        for key in ("layers_per_block", "cross_attention_dim"):
+            if isinstance(values.get(key), tuple):
                 problems.append(f"{key}={config[key]!r} (only a single int is implemented)")
         if problems:
             raise ModelLoadError(
