@@ -48,6 +48,7 @@ def sample_edit(
     sampler: str | None = None,
     seed: int = 0,
     noise: torch.Tensor | None = None,
+    keep_source_row: bool = False,
 ) -> torch.Tensor:
     """Edited latents [1, C, F, h, w] float32 from an inversion and an edited first frame [1, H, W, 3].
 
@@ -55,6 +56,8 @@ def sample_edit(
     `sampler` is "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference edits); None
     takes the backbone's. DDPM draws its noise from a CPU generator seeded with `seed`, or replays
     `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
+    `keep_source_row` runs the source row at every step, as the reference does; the result is the
+    same, at the cost of one more UNet row per step after the last injection window.
     """
     steps = inversion.sampling_steps
     check_sampling_settings(steps, cfg, start_index)
@@ -83,7 +86,7 @@ def sample_edit(
     with torch.inference_mode(), injected(backbone.unet, plan) as injector:
         for done, (t_source, t) in enumerate(todo, start=1):
             active = plan.active_kinds(t)
-            if active:
+            if active or keep_source_row:
                 rows = [source, uncond, cond]
                 batch = torch.cat([inversion.latent_at(t_source).to(latents.device), latents, latents])
             else:
