@@ -23,3 +23,18 @@ def oracle_path(name: str) -> Path:
 @pytest.fixture(scope="session")
 def i2vgenxl_oracle() -> Path:
     return oracle_path("anyv2v-i2vgenxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random I2VGen-XL diffusers folder built in-process (no shared/ needed)."""
+    from anyv2v_core.tiny_models import build_tiny_i2vgenxl
+
+    return build_tiny_i2vgenxl(tmp_path_factory.mktemp("models") / "tiny-i2vgenxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    from anyv2v_core.loading import load_backbone
+
+    return load_backbone(tiny_model_dir)
