@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from anyv2v_core.backbones.seine import find_seine_layout, load_seine
 from anyv2v_core.errors import ModelLoadError
-from tests.conftest import oracle_path
+from conftest import oracle_path
 
 EDIT_PROMPT = "a magenta square sliding over a gradient"
 
@@ -155,3 +155,34 @@ def test_ddpm_edit_replays_reference(backbone, oracle, source_frames, inversion_
         assert_close(batch[-1:], edit_data["x_t"][i])
     if start + num_steps == len(timesteps):
         assert_close(x_0, edit_data["x_0"])
+
+
+def test_seeded_ddpm_and_ddim_samplers_are_replayable(backbone, source_frames, inversion_data):
+    """The last two steps with each sampler: DDPM is the backbone's default and follows its seed,
+    DDIM is deterministic and runs at the inversion's timesteps."""
+    from anyv2v_core.inversion import Inversion
+    from anyv2v_core.sampling import sample_edit
+
+    saved = dict(zip(inversion_data["saved_latents_timesteps"].tolist(), inversion_data["saved_latents"]))
+    source = backbone.condition(source_frames[:1], "", num_frames=8, fps=8)
+    inversion = Inversion(latents={t: saved[t] for t in backbone.schedule.timesteps(50)}, source_condition=source,
+                          source_first_frame=source_frames[:1], backbone_name=backbone.name, num_frames=8, fps=8,
+                          inversion_steps=500, sampling_steps=50)
+    timesteps = []
+    predict = backbone.predict
+    backbone.predict = lambda latents, t, rows: timesteps.append(t) or predict(latents, t, rows)
+    try:
+        def run(**kwargs):
+            return sample_edit(backbone, inversion, source_frames[:1], prompt=EDIT_PROMPT, negative_prompt="",
+                               cfg=4.0, start_index=48, **kwargs)
+
+        assert backbone.sampler == "ddpm"
+        first, again, other = run(seed=3), run(seed=3), run(seed=4)
+        assert timesteps == [20, 0] * 3
+        assert torch.equal(first, again) and not torch.allclose(first, other)
+        timesteps.clear()
+        ddim = run(sampler="ddim")
+        assert timesteps == [21, 1]
+        assert torch.equal(ddim, run(sampler="ddim", seed=4))
+    finally:
+        del backbone.predict

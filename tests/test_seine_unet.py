@@ -12,7 +12,7 @@ from anyv2v_core.backbones.checkpoints import convert_checkpoint_to_safetensors,
 from anyv2v_core.backbones.rotary import RotaryEmbedding
 from anyv2v_core.backbones.seine_unet import DEFAULT_INJECTION_LAYERS, SeineUNet3D, SeineUNetConfig
 from anyv2v_core.errors import AnyV2VError, ModelLoadError
-from tests.conftest import oracle_path
+from conftest import oracle_path
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,18 @@ def test_pnp_case_with_injection_hooks(tiny_unet, cases):
     cross = tuple(name.replace(".attn1", ".attn2") for name in layers.spatial_attention)
     out_cross = run(InjectionLayers(layers.conv, layers.spatial_attention + cross, layers.temporal_attention), spatial_events=32)
     assert_close(out_cross, cases["pnp_cross.out"])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_half_precision_unet(oracle, cases, dtype, tolerance):
+    from anyv2v_core.backbones.seine import load_seine_unet
+
+    config = SeineUNetConfig.from_dict(json.loads((oracle / "model" / "seine_unet_config.json").read_text()))
+    unet = load_seine_unet(config, oracle / "model" / "seine_ema.safetensors", dtype=dtype, allow_pickle=False)
+    with torch.no_grad():
+        out = unet(cases["scalar_t.sample"].to(dtype), cases["scalar_t.timestep"], cases["scalar_t.encoder_hidden_states"].to(dtype))
+    assert out.dtype == dtype
+    assert_close(out.float(), cases["scalar_t.out"], max_abs=float("inf"), max_rel=tolerance)
 
 
 def test_rotary_only_rotates_first_dims_and_is_relative():
