@@ -26,7 +26,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # pipeline class in model_index.json -> backbone name
-PIPELINE_CLASSES = {"I2VGenXLPipeline": "i2vgen-xl"}
+PIPELINE_CLASSES = {
+    "I2VGenXLPipeline": "i2vgen-xl",
+    "ConditionalAnimationPipeline": "consisti2v",  # TIGER-Lab/ConsistI2V
+    "ConditionalVideoEditingPipeline": "consisti2v",  # AnyV2V's copy of it
+}
+BACKBONES = ("i2vgen-xl", "consisti2v")
 
 # component -> (subfolder, weight file stem); tokenizer, feature_extractor and scheduler hold no weights
 I2VGENXL_COMPONENTS = {
@@ -92,7 +97,7 @@ def detect_backbone(folder: Path) -> str:
     if pipeline_class not in PIPELINE_CLASSES:
         raise ModelLoadError(
             f"{folder} holds a {pipeline_class} model; AnyV2V needs an image-to-video backbone "
-            f"({', '.join(PIPELINE_CLASSES)}): point it at an I2VGen-XL folder such as models/diffusers/i2vgen-xl"
+            f"({', '.join(BACKBONES)}): point it at an I2VGen-XL folder such as models/diffusers/i2vgen-xl"
         )
     return PIPELINE_CLASSES[pipeline_class]
 
@@ -139,19 +144,32 @@ def load_backbone(
     variant: str | None = None,
     allow_pickle: bool = False,
     backbone: str = "auto",
+    **options,
 ) -> Backbone:
-    """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode."""
+    """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode.
+
+    `backbone` is detected from model_index.json unless given; `options` go to that backbone's
+    loader (ConsistI2V: source_branch_first_frame="edited"|"source").
+    """
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
     folder = resolve_source(source)
     name = detect_backbone(folder) if backbone == "auto" else backbone
-    if name != "i2vgen-xl":
-        raise ModelLoadError(f"backbone {name!r} is not supported; use one of: i2vgen-xl")
-    from .backbones.i2vgen_xl import I2VGenXLBackbone
-
-    use_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
+    if name not in BACKBONES:
+        raise ModelLoadError(f"backbone {name!r} is not supported; use one of: {', '.join(BACKBONES)}")
     try:
+        if name == "consisti2v":
+            from .backbones.consisti2v import ConsistI2VBackbone
+
+            return ConsistI2VBackbone.from_folder(folder, dtype=torch_dtype, device=device, allow_pickle=allow_pickle,
+                                                  **options)
+        from .backbones.i2vgen_xl import I2VGenXLBackbone
+
+        only_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
+        # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
         return I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=device, variant=variant,
-                                            use_safetensors=use_safetensors)
+                                            use_safetensors=True if only_safetensors else None, **options)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error

@@ -85,7 +85,7 @@ class I2VGenXLBackbone(Backbone):
 
     @classmethod
     def from_folder(cls, folder: Path, *, dtype: torch.dtype, device: torch.device, variant: str | None,
-                    use_safetensors: bool) -> "I2VGenXLBackbone":
+                    use_safetensors: bool | None) -> "I2VGenXLBackbone":
         """Load the components of a diffusers-format I2VGen-XL folder (validated by `loading.py`)."""
         from diffusers import AutoencoderKL, I2VGenXLUNet
         from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
