@@ -67,22 +67,23 @@ def run_edit(args: argparse.Namespace) -> None:
     import torch
 
     from .injection import InjectionSettings
-    from .loading import load_backbone
+    from .loading import backbone_defaults, detect_backbone, load_backbone
     from .pipeline import EditSettings, edit
-    from .video import check_output_path, check_size, read_frames, read_image, write_video
+    from .video import check_output_path, read_frames, read_image, write_video
 
     # checks that need no model, before the model loads
     check_output_path(args.out, overwrite=args.overwrite)
     if args.save_latents is not None:
         check_output_path(args.save_latents, overwrite=args.overwrite)
-    if args.size is not None:
-        check_size(args.size)
     settings = EditSettings(
         negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
         start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
         injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau),
     )
+    local_model = Path(args.model).expanduser()
+    if local_model.is_dir():  # a repo id is checked once downloaded
+        settings.resolved(backbone_defaults(detect_backbone(local_model)))
     frames, _ = read_frames(args.video)
     edited_first_frame = read_image(args.edited_first_frame)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, BackboneDefaults
 from .errors import ModelLoadError
 
 logger = logging.getLogger("AnyV2V")
@@ -134,6 +134,15 @@ def check_components(folder: Path, components: dict[str, str | None], *, variant
             "convert them to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) if you trust the files"
         )
     return not pickled
+
+
+def backbone_defaults(name: str) -> BackboneDefaults:
+    """The reference settings of a backbone, without loading any weights."""
+    if name == "consisti2v":
+        from .backbones.consisti2v import DEFAULTS
+    else:
+        from .backbones.i2vgen_xl import DEFAULTS
+    return DEFAULTS
 
 
 def load_backbone(

@@ -6,15 +6,16 @@ one so ComfyUI can cache the inversion ("invert once, edit many").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, BackboneDefaults
 from .injection import InjectionSettings
 from .inversion import Inversion, Progress, invert_video
 from .sampling import check_sampling_settings, sample_edit
-from .video import prepare_first_frame, prepare_frames
+from .errors import AnyV2VError
+from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,40 @@ class EditSettings:
     decode_chunk_size: int = 1
     seed: int | None = None  # samples the VAE posterior when set; the posterior mean when None
 
-    def resolved(self, backbone: Backbone) -> "EditSettings":
-        """A copy with every None replaced by the backbone's default, validated."""
-        d = backbone.defaults
-        settings = EditSettings(
+    def __post_init__(self) -> None:
+        """Check what can be checked without the model, so bad input fails before any loading."""
+        positive = {"steps": self.steps, "inversion steps": self.inversion_steps, "fps": self.fps,
+                    "frame count": self.num_frames}
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise AnyV2VError(f"{name} must be an integer >= 1 (got {value!r})")
+        if self.cfg is not None and not self.cfg > 0:
+            raise AnyV2VError(f"cfg must be positive (got {self.cfg}); the paper uses 9.0 for I2VGen-XL")
+        if self.start_index is not None and self.steps is not None:
+            check_sampling_settings(self.steps, self.cfg or 1.0, self.start_index)
+        elif self.start_index is not None and self.start_index < 0:
+            raise AnyV2VError(f"start index must be >= 0 (got {self.start_index})")
+        if self.size_wh is not None:
+            check_size(self.size_wh)
+        if self.resize not in RESIZE_POLICIES:
+            raise AnyV2VError(f"resize policy {self.resize!r} is unknown; use one of {', '.join(RESIZE_POLICIES)}")
+        if self.decode_chunk_size < 1:
+            raise AnyV2VError(f"decode chunk size must be >= 1 (got {self.decode_chunk_size})")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise AnyV2VError(f"seed must be in 0..2**64-1 (got {self.seed})")
+
+    def resolved(self, defaults: BackboneDefaults) -> "EditSettings":
+        """A copy with every None replaced by the backbone's default, validated as a whole."""
+        d = defaults
+        settings = replace(
+            self,
             negative_prompt=d.negative_prompt if self.negative_prompt is None else self.negative_prompt,
             size_wh=self.size_wh or d.size_wh,
-            resize=self.resize,
-            num_frames=self.num_frames,
             fps=self.fps or d.fps,
             inversion_steps=self.inversion_steps or d.inversion_steps,
             steps=self.steps or d.sampling_steps,
             cfg=d.cfg if self.cfg is None else self.cfg,
             start_index=d.start_index if self.start_index is None else self.start_index,
-            injection=self.injection,
-            decode_chunk_size=self.decode_chunk_size,
-            seed=self.seed,
         )
         check_sampling_settings(settings.steps, settings.cfg, settings.start_index)
         return settings
@@ -75,7 +94,7 @@ def edit(
 ) -> EditResult:
     """Edit a video: the appearance of `edited_first_frame` with the structure and motion of
     `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
-    s = settings.resolved(backbone)
+    s = settings.resolved(backbone.defaults)
     frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
     first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize)
     total = s.inversion_steps + s.steps - s.start_index
