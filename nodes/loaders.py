@@ -1,0 +1,118 @@
+"""LoadI2VBackbone: an image-to-video model from ComfyUI's diffusers folders (or a Hub repo id)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from . import host
+
+BACKBONE = "ANYV2V_BACKBONE"
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+KEEP_LOADED, OFFLOAD = "keep loaded", "offload after each node"
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+I2VGENXL_HINT = host.download_hint("ali-vilab/i2vgen-xl", "i2vgen-xl", '"*.json" "*.txt" "*.fp16.safetensors"')
+
+
+@dataclass
+class BackboneHandle:
+    """What flows on an ANYV2V_BACKBONE link: the engine backbone and the user's memory policy."""
+
+    backbone: object  # anyv2v_core.backbones.base.Backbone
+    keep_loaded: bool
+    source: str
+
+
+def weights_variant(folder: str, half_precision: bool) -> str | None:
+    """"fp16" where the folder's fp16 variant should be read: it is all there is (the recommended
+    download), or half precision is wanted anyway; None for the full-precision files."""
+    unet = os.path.join(folder, "unet")
+    has_full = os.path.isfile(os.path.join(unet, "diffusion_pytorch_model.safetensors"))
+    has_fp16 = os.path.isfile(os.path.join(unet, "diffusion_pytorch_model.fp16.safetensors"))
+    return "fp16" if has_fp16 and (half_precision or not has_full) else None
+
+
+def check_repo_id(repo_id: str) -> str | None:
+    """An error message for a repo id that is not one (None when it is fine)."""
+    if not REPO_ID.match(repo_id) or ".." in repo_id:
+        return f"repo_id {repo_id!r} is not a Hugging Face repo id like ali-vilab/i2vgen-xl; leave it empty to use the model list"
+    if os.path.exists(repo_id):
+        return (f"repo_id {repo_id!r} names a local folder; put local models under ComfyUI/models/diffusers/ "
+                "and pick them in the model list")
+    return None
+
+
+class LoadI2VBackbone:
+    DESCRIPTION = (
+        "Loads the image-to-video model AnyV2V edits with (I2VGen-XL, diffusers format) from ComfyUI's "
+        "models/diffusers folders, or from the Hugging Face Hub when a repo id is given. Only safetensors "
+        "weights are loaded and no remote code runs."
+    )
+    CATEGORY = "AnyV2V/loaders"
+    RETURN_TYPES = (BACKBONE,)
+    RETURN_NAMES = ("backbone",)
+    OUTPUT_TOOLTIPS = ("The loaded image-to-video model, for DDIMInvertVideo and InjectedSampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (host.model_options(), {
+                    "tooltip": "A diffusers model folder under ComfyUI/models/diffusers (one with a model_index.json). "
+                               "For I2VGen-XL, " + I2VGENXL_HINT + ". Folders with only the fp16 weights are fine."}),
+                "dtype": (DTYPES, {
+                    "default": "auto",
+                    "tooltip": "Weight precision. auto: bf16 (or fp16) on a GPU, fp32 on the CPU. fp16 halves memory; "
+                               "fp32 is the exact reference."}),
+                "memory": ((OFFLOAD, KEEP_LOADED), {
+                    "default": OFFLOAD,
+                    "tooltip": "offload after each node: the model goes back to the CPU when an AnyV2V node finishes, "
+                               "so other models fit on the GPU. keep loaded: it stays on the GPU (faster repeated edits, "
+                               "but ComfyUI cannot reclaim that memory)."}),
+            },
+            "optional": {
+                "repo_id": ("STRING", {
+                    "default": "",
+                    "tooltip": "Optional Hugging Face repo id (e.g. ali-vilab/i2vgen-xl) to download and use instead of "
+                               "the model list; needs internet. Leave empty to use the model list."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model, repo_id=""):
+        repo_id = (repo_id or "").strip()
+        if repo_id:
+            return check_repo_id(repo_id) or True
+        try:
+            host.resolve_model_folder(model, I2VGENXL_HINT)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def load(self, model, dtype, memory, repo_id=""):
+        from anyv2v_core.errors import ModelLoadError
+        from anyv2v_core.loading import load_backbone, resolve_dtype
+
+        repo_id = (repo_id or "").strip()
+        if repo_id:
+            problem = check_repo_id(repo_id)
+            if problem:
+                raise ModelLoadError(problem)
+            source = repo_id
+        else:
+            source = host.resolve_model_folder(model, I2VGENXL_HINT)
+        keep_loaded = memory == KEEP_LOADED
+        device = host.compute_device()
+        torch_dtype = resolve_dtype(dtype, device)
+        variant = None if repo_id else weights_variant(source, half_precision=torch_dtype.itemsize == 2)
+        host.free_memory_for_heavy_work()
+        backbone = load_backbone(source, dtype=torch_dtype, variant=variant,
+                                 device=device if keep_loaded else host.offload_device())
+        host.logger.info("loaded %s from %s (%s, %s)", backbone.name, source, backbone.dtype, backbone.device)
+        return (BackboneHandle(backbone=backbone, keep_loaded=keep_loaded, source=source),)
+
+
+NODE_CLASS_MAPPINGS = {"LoadI2VBackbone": LoadI2VBackbone}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoadI2VBackbone": "AnyV2V Load I2V Backbone"}

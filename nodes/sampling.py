@@ -1,0 +1,68 @@
+"""InjectedSampler: the edited video from the edited first frame, with the source's structure and motion."""
+
+from __future__ import annotations
+
+from . import host
+from .injection import FEATURES
+from .loaders import BACKBONE
+
+
+def negative_prompt_default() -> str:
+    from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT
+
+    return NEGATIVE_PROMPT
+
+
+class InjectedSampler:
+    DESCRIPTION = (
+        "Regenerates the clip from the edited first frame and the prompt with the image-to-video model, while "
+        "the source branch's injected features keep the original structure and motion (AnyV2V). Deterministic "
+        "DDIM from the inverted source latents, so there is no seed. Outputs the edited frames and their frame "
+        "rate, ready for CreateVideo -> SaveVideo."
+    )
+    CATEGORY = "AnyV2V/sampling"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("frames", "fps")
+    OUTPUT_TOOLTIPS = ("The edited video as an IMAGE batch, at the working size.",
+                       "The frame rate the model generated the clip for (DDIMInvertVideo's fps).")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "backbone": (BACKBONE, {"tooltip": "The same model that made the inversion (LoadI2VBackbone)."}),
+                "features": (FEATURES, {"tooltip": "The injection plan from CaptureFeatures."}),
+                "edited_first_frame": ("IMAGE", {
+                    "tooltip": "The first frame after your edit (FirstFrameEditor or any image graph). One image; "
+                               "if its size differs from the working size it is resized with the same resize "
+                               "policy as the source frames."}),
+                "prompt": ("STRING", {"default": "", "multiline": True,
+                                      "tooltip": "Describes the edited video (e.g. 'a car driving, in Van Gogh style')."}),
+                "negative_prompt": ("STRING", {"default": negative_prompt_default(), "multiline": True,
+                                               "tooltip": "What to avoid; the default is the paper's."}),
+                "cfg": ("FLOAT", {"default": 9.0, "min": 0.1, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (the paper: 9.0 for I2VGen-XL)."}),
+                "decode_chunk_size": ("INT", {"default": 1, "min": 1, "max": 128,
+                                              "tooltip": "Frames the VAE decodes at once: 1 needs the least memory, "
+                                                         "more can be faster on a large GPU."}),
+            }
+        }
+
+    def sample(self, backbone, features, edited_first_frame, prompt, negative_prompt, cfg, decode_chunk_size):
+        from anyv2v_core.sampling import sample_edit
+        from anyv2v_core.video import prepare_first_frame
+
+        inversion = features.source.inversion
+        first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize)
+        with host.on_compute_device(backbone) as model:
+            latents = sample_edit(model, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
+                                  injection=features.injection_for(model), cfg=cfg, start_index=features.start_index,
+                                  progress=host.progress_bar(inversion.sampling_steps - features.start_index))
+            host.check_interrupted()
+            frames = model.decode(latents, decode_chunk_size)
+        return (frames, float(inversion.fps))
+
+
+NODE_CLASS_MAPPINGS = {"InjectedSampler": InjectedSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"InjectedSampler": "AnyV2V Injected Sampler"}
