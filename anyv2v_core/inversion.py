@@ -62,6 +62,15 @@ def check_inversion_steps(backbone: Backbone, inversion_steps: int, sampling_ste
         )
 
 
+def start_timestep(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0) -> int:
+    """Timestep of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
+    first = backbone.schedule.timesteps(sampling_steps)[start_index]
+    if start_index or backbone.start_timestep is None:
+        return first
+    targets = backbone.schedule.inversion_timesteps(inversion_steps)
+    return max([t for t in targets if t <= backbone.start_timestep], default=first)
+
+
 def invert_video(
     backbone: Backbone,
     frames: torch.Tensor,
@@ -81,7 +90,7 @@ def invert_video(
         raise AnyV2VError(f"fps must be positive (got {fps}); I2V models use 8 as their default")
     check_inversion_steps(backbone, inversion_steps, sampling_steps)
     schedule = backbone.schedule
-    keep = set(schedule.timesteps(sampling_steps))
+    keep = set(schedule.timesteps(sampling_steps)) | {start_timestep(backbone, inversion_steps, sampling_steps)}
     num_frames = int(frames.shape[0])
     source_first_frame = frames[:1]
     source_condition = backbone.condition(source_first_frame, "", num_frames=num_frames, fps=fps)

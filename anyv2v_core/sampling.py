@@ -1,7 +1,8 @@
 """Injected sampling: regenerate the video from the edited first frame with the source's
 structure and motion (AnyV2V, Sec. 3.3).
 
-Sampling starts from the inverted latent at timesteps[start_index] (no added noise). Every
+Sampling starts from the inverted latent at timesteps[start_index] (no added noise; see
+`Backbone.start_timestep` for a backbone whose reference starts from a noisier one). Every
 step runs one batch of rows [source, uncond, cond]:
 - source: the stored inverted latent at t, conditioned on the source first frame and "";
 - uncond: the current latent, the edited first frame, the negative prompt (no image embedding
@@ -19,7 +20,7 @@ import torch
 from .backbones.base import Backbone
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected
-from .inversion import Inversion, Progress
+from .inversion import Inversion, Progress, start_timestep
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -77,7 +78,10 @@ def sample_edit(
     cond = backbone.condition(edited_first_frame, prompt, **condition_args)
     source = backbone.source_row_for_edit(inversion.source_condition, cond)
 
-    start = inversion.latent_at(timesteps[start_index]) if initial_latents is None else initial_latents
+    if initial_latents is None:
+        start = inversion.latent_at(start_timestep(backbone, inversion.inversion_steps, steps, start_index))
+    else:
+        start = initial_latents
     latents = start.to(backbone.device, torch.float32)
     todo = list(zip(timesteps[start_index:], unet_timesteps[start_index:]))
     if noise is not None and len(noise) < len(todo) - 1:

@@ -186,3 +186,30 @@ def test_seeded_ddpm_and_ddim_samplers_are_replayable(backbone, source_frames, i
         assert torch.equal(ddim, run(sampler="ddim", seed=4))
     finally:
         del backbone.predict
+
+
+def test_edit_starts_from_the_noisiest_saved_latent(backbone, source_frames, inversion_data):
+    """SEINE's reference starts its edit from the inverted latent at t=997, beyond the first step's 981."""
+    from anyv2v_core.inversion import Inversion, start_timestep
+    from anyv2v_core.sampling import sample_edit
+
+    assert start_timestep(backbone, 500, 50) == 997
+    assert start_timestep(backbone, 100, 50) == 991
+    assert start_timestep(backbone, 500, 50, start_index=3) == 921
+    saved = dict(zip(inversion_data["saved_latents_timesteps"].tolist(), inversion_data["saved_latents"]))
+    source = backbone.condition(source_frames[:1], "", num_frames=8, fps=8)
+    inversion = Inversion(latents=saved, source_condition=source, source_first_frame=source_frames[:1],
+                          backbone_name=backbone.name, num_frames=8, fps=8, inversion_steps=500, sampling_steps=50)
+    first_inputs = []
+
+    def stop_at_first_call(latents, timestep, rows):
+        first_inputs.append(latents[-1:].clone())
+        raise _Stop
+
+    backbone.predict = stop_at_first_call
+    try:
+        with pytest.raises(_Stop):
+            sample_edit(backbone, inversion, source_frames[:1], prompt=EDIT_PROMPT, negative_prompt="", cfg=4.0)
+    finally:
+        del backbone.predict
+    assert torch.equal(first_inputs[0], saved[997])

@@ -73,6 +73,10 @@ class Backbone(ABC):
     conditioning_frames: int = 0
     # The reference's edit sampler, sample_edit's default: "ddim" or "ddpm" (SEINE).
     sampler: str = "ddim"
+    # Sampling from start index 0 starts from the inverted latent at the largest inversion target
+    # <= this timestep, when set (SEINE's reference starts from its noisiest saved latent, t=997);
+    # None: at the first sampling timestep.
+    start_timestep: int | None = None
 
     @abstractmethod
     def condition(

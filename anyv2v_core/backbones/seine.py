@@ -60,6 +60,7 @@ class SeineBackbone(Backbone):
     defaults = DEFAULTS
     injection_layers = DEFAULT_INJECTION_LAYERS
     sampler = "ddpm"  # the reference's edit sampler; "ddim" is the deterministic alternative
+    start_timestep = 997  # the reference saves inverted latents every 4th step and edits from the noisiest
 
     def __init__(self, *, unet: SeineUNet3D, vae, text_encoder, tokenizer, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype) -> None:
