@@ -200,7 +200,9 @@ def load_seine(sd_folder: str | os.PathLike, checkpoint: str | os.PathLike, *, d
     if not (sd_folder / "unet" / "config.json").is_file():
         raise ModelLoadError(f"{sd_folder}/unet/config.json is missing: SEINE takes its UNet layout from the "
                              "Stable Diffusion 1.4 folder (CompVis/stable-diffusion-v1-4)")
-    use_safetensors = check_components(sd_folder, SD_COMPONENTS, variant=None, allow_pickle=allow_pickle)
+    only_safetensors = check_components(sd_folder, SD_COMPONENTS, variant=None, allow_pickle=allow_pickle)
+    # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
+    use_safetensors = True if only_safetensors else None
     device = torch.device(device)
     try:
         config = SeineUNetConfig.from_dict(json.loads((sd_folder / "unet" / "config.json").read_text()))
@@ -209,9 +211,9 @@ def load_seine(sd_folder: str | os.PathLike, checkpoint: str | os.PathLike, *, d
         text_encoder = CLIPTextModel.from_pretrained(sd_folder / "text_encoder", dtype=dtype, use_safetensors=use_safetensors)
         tokenizer = CLIPTokenizer.from_pretrained(sd_folder / "tokenizer")
         scheduler_config = json.loads((sd_folder / "scheduler" / "scheduler_config.json").read_text())
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        if isinstance(error, ModelLoadError):
-            raise
         raise ModelLoadError(f"could not load SEINE from {sd_folder} and {checkpoint}: {error}") from error
     backbone = SeineBackbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              scheduler_config=scheduler_config, device=device, dtype=dtype)
