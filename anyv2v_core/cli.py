@@ -1,4 +1,4 @@
-"""Command line: `python -m anyv2v_core edit ...` (and `demo` once the toy backbone is shipped).
+"""Command line: `python -m anyv2v_core edit | convert | demo`.
 
 On bad input the CLI prints one line, "error: <what is wrong and how to fix it>", and exits with
 status 2, without a traceback. Every check that needs no model runs before the model loads.
@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--frames", type=int, default=None, help="number of source frames to edit (default: all)")
     edit.add_argument("--size", type=_size, default=None, help="working size WxH, multiples of 8 (default 512x512)")
     edit.add_argument("--resize", choices=("stretch", "crop", "pad"), default="stretch", help="resize policy")
-    edit.add_argument("--seed", type=int, default=None, help="sample the VAE posterior with this seed (default: its mean)")
+    edit.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
+                      help="edit sampler (default: the backbone's reference sampler; SEINE: ddpm)")
+    edit.add_argument("--seed", type=int, default=0, help="seeds the DDPM noise and --sample-posterior")
+    edit.add_argument("--sample-posterior", action="store_true",
+                      help="sample the VAE posterior as the reference does (default: its mean, deterministic)")
     edit.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     edit.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for files you trust")
@@ -60,7 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-latents", type=Path, default=None,
                       help="also write final latents and the inverted start latent (.safetensors)")
     edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    convert = commands.add_parser("convert", help="convert a pickle checkpoint (e.g. seine.pt) to safetensors, once")
+    convert.add_argument("src", type=Path, help="the pickle checkpoint (.pt/.pth/.ckpt/.bin)")
+    convert.add_argument("dst", type=Path, help="the .safetensors file to write (e.g. seine.safetensors beside it)")
+    convert.add_argument("--entry", default=None,
+                         help="the entry holding the state dict (default: 'ema' for SEINE checkpoints, else the whole file)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .backbones.checkpoints import convert_checkpoint_to_safetensors
+
+    entry = args.entry if args.entry is not None else ("ema" if args.src.name.lower().startswith("seine") else None)
+    written = convert_checkpoint_to_safetensors(args.src, args.dst, entry=entry, overwrite=args.overwrite)
+    print(f"wrote {written}")
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -78,7 +97,8 @@ def run_edit(args: argparse.Namespace) -> None:
     settings = EditSettings(
         negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
-        start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
+        start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
+        seed=args.seed, sample_posterior=args.sample_posterior,
         injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau),
     )
     local_model = Path(args.model).expanduser()
@@ -118,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             run_edit(args)
+        elif args.command == "convert":
+            run_convert(args)
     except AnyV2VError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

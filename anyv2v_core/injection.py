@@ -101,6 +101,7 @@ class FeatureInjector:
             blocks = output.unflatten(0, (self.num_rows, -1))  # [rows, per-row batch, ...]
             return blocks[:1].expand_as(blocks).reshape(output.shape)
 
+        copy_source_rows.is_anyv2v_injection = True
         return copy_source_rows
 
 
@@ -142,5 +143,6 @@ def injected(unet: torch.nn.Module, plan: InjectionPlan) -> Iterator[FeatureInje
 
 
 def has_injection_hooks(unet: torch.nn.Module) -> bool:
-    """True if any module of `unet` still carries a forward hook (a leaked patch)."""
-    return any(module._forward_hooks for module in unet.modules())
+    """True if any module of `unet` still carries an injection hook (a leaked patch)."""
+    return any(getattr(hook, "is_anyv2v_injection", False)
+               for module in unet.modules() for hook in module._forward_hooks.values())

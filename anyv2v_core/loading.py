@@ -18,6 +18,7 @@ import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import ModelLoadError
+from .memory import OFFLOAD_POLICIES
 
 logger = logging.getLogger("AnyV2V")
 
@@ -31,7 +32,7 @@ PIPELINE_CLASSES = {
     "ConditionalAnimationPipeline": "consisti2v",  # TIGER-Lab/ConsistI2V
     "ConditionalVideoEditingPipeline": "consisti2v",  # AnyV2V's copy of it
 }
-BACKBONES = ("i2vgen-xl", "consisti2v")
+BACKBONES = ("i2vgen-xl", "consisti2v", "seine")
 
 # component -> (subfolder, weight file stem); tokenizer, feature_extractor and scheduler hold no weights
 I2VGENXL_COMPONENTS = {
@@ -93,7 +94,17 @@ def read_model_index(folder: Path) -> dict:
 
 
 def detect_backbone(folder: Path) -> str:
+    """The backbone in a folder: a SEINE checkpoint beside SD-1.4 components, else model_index.json's class."""
+    from .backbones.seine import find_seine_layout
+
+    if find_seine_layout(folder) is not None:
+        return "seine"
     pipeline_class = read_model_index(folder).get("_class_name")
+    if pipeline_class == "StableDiffusionPipeline":
+        raise ModelLoadError(
+            f"{folder} is a Stable Diffusion folder, not an image-to-video model. For SEINE, put seine.pt (or the "
+            "converted seine.safetensors) in a folder with this one as its stable-diffusion-v1-4/ subfolder"
+        )
     if pipeline_class not in PIPELINE_CLASSES:
         raise ModelLoadError(
             f"{folder} holds a {pipeline_class} model; AnyV2V needs an image-to-video backbone "
@@ -140,6 +151,8 @@ def backbone_defaults(name: str) -> BackboneDefaults:
     """The reference settings of a backbone, without loading any weights."""
     if name == "consisti2v":
         from .backbones.consisti2v import DEFAULTS
+    elif name == "seine":
+        from .backbones.seine import DEFAULTS
     else:
         from .backbones.i2vgen_xl import DEFAULTS
     return DEFAULTS
@@ -153,32 +166,47 @@ def load_backbone(
     variant: str | None = None,
     allow_pickle: bool = False,
     backbone: str = "auto",
+    offload: str = "none",
     **options,
 ) -> Backbone:
     """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode.
 
-    `backbone` is detected from model_index.json unless given; `options` go to that backbone's
-    loader (ConsistI2V: source_branch_first_frame="edited"|"source").
+    `backbone` is detected from model_index.json unless given; `offload` is a policy of
+    `memory.py` ("none", "model", "sequential"); `options` go to that backbone's loader
+    (ConsistI2V: source_branch_first_frame="edited"|"source").
     """
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if offload not in OFFLOAD_POLICIES:
+        raise ModelLoadError(f"offload policy {offload!r} is unknown; use one of {', '.join(OFFLOAD_POLICIES)}")
     folder = resolve_source(source)
     name = detect_backbone(folder) if backbone == "auto" else backbone
     if name not in BACKBONES:
         raise ModelLoadError(f"backbone {name!r} is not supported; use one of: {', '.join(BACKBONES)}")
+    load_device = device if offload == "none" else torch.device("cpu")  # offloaded weights never all sit on the GPU
     try:
         if name == "consisti2v":
             from .backbones.consisti2v import ConsistI2VBackbone
 
-            return ConsistI2VBackbone.from_folder(folder, dtype=torch_dtype, device=device, allow_pickle=allow_pickle,
-                                                  **options)
-        from .backbones.i2vgen_xl import I2VGenXLBackbone
+            loaded = ConsistI2VBackbone.from_folder(folder, dtype=torch_dtype, device=load_device,
+                                                    allow_pickle=allow_pickle, **options)
+        elif name == "seine":
+            from .backbones.seine import find_seine_layout, load_seine
 
-        only_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
-        # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
-        return I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=device, variant=variant,
-                                            use_safetensors=True if only_safetensors else None, **options)
+            layout = find_seine_layout(folder)
+            if layout is None:
+                raise ModelLoadError(f"{folder} holds no seine.pt or seine.safetensors; put the SEINE checkpoint there")
+            loaded = load_seine(*layout, dtype=torch_dtype, device=load_device, allow_pickle=allow_pickle, **options)
+        else:
+            from .backbones.i2vgen_xl import I2VGenXLBackbone
+
+            only_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
+            # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
+            loaded = I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=load_device, variant=variant,
+                                                  use_safetensors=True if only_safetensors else None, **options)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
+    loaded.set_offload(offload, device)
+    return loaded

@@ -12,7 +12,7 @@ import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .injection import InjectionSettings
-from .inversion import Inversion, Progress, invert_video
+from .inversion import Inversion, Progress, invert_video, start_timestep
 from .sampling import check_sampling_settings, sample_edit
 from .errors import AnyV2VError
 from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
@@ -33,7 +33,9 @@ class EditSettings:
     start_index: int | None = None
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     decode_chunk_size: int = 1
-    seed: int | None = None  # samples the VAE posterior when set; the posterior mean when None
+    sampler: str | None = None  # "ddim" (deterministic) or "ddpm"; None: the backbone's reference sampler
+    seed: int = 0  # seeds the DDPM sampler's noise and, with sample_posterior, the VAE posterior sample
+    sample_posterior: bool = False  # the reference samples the VAE posterior; the mean is deterministic
 
     def __post_init__(self) -> None:
         """Check what can be checked without the model, so bad input fails before any loading."""
@@ -54,7 +56,7 @@ class EditSettings:
             raise AnyV2VError(f"resize policy {self.resize!r} is unknown; use one of {', '.join(RESIZE_POLICIES)}")
         if self.decode_chunk_size < 1:
             raise AnyV2VError(f"decode chunk size must be >= 1 (got {self.decode_chunk_size})")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise AnyV2VError(f"seed must be in 0..2**64-1 (got {self.seed})")
 
     def resolved(self, defaults: BackboneDefaults) -> "EditSettings":
@@ -78,7 +80,7 @@ class EditSettings:
 class EditResult:
     frames: torch.Tensor  # [F, H, W, 3] float32 0..1
     latents: torch.Tensor  # [1, C, F, h, w] final denoised latents
-    inverted_start: torch.Tensor  # [1, C, F, h, w] the inverted latent sampling started from
+    inverted_start: torch.Tensor  # [1, C, F', h, w] the inverted latent sampling started from (F' = F-1 for ConsistI2V)
     fps: int
     inversion: Inversion
 
@@ -98,7 +100,7 @@ def edit(
     frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
     first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize)
     total = s.inversion_steps + s.steps - s.start_index
-    generator = None if s.seed is None else torch.Generator(backbone.device).manual_seed(s.seed)
+    generator = torch.Generator(backbone.device).manual_seed(s.seed) if s.sample_posterior else None
 
     def phase(offset: int) -> Progress | None:
         return None if progress is None else (lambda done, _: progress(offset + done, total))
@@ -106,8 +108,8 @@ def edit(
     inversion = invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps,
                              fps=s.fps, progress=phase(0), generator=generator)
     latents = sample_edit(backbone, inversion, first_frame, prompt=prompt, negative_prompt=s.negative_prompt,
-                          injection=s.injection, cfg=s.cfg, start_index=s.start_index,
-                          progress=phase(s.inversion_steps))
-    start = inversion.latent_at(backbone.schedule.timesteps(s.steps)[s.start_index])
+                          injection=s.injection, cfg=s.cfg, start_index=s.start_index, sampler=s.sampler,
+                          seed=s.seed, progress=phase(s.inversion_steps))
+    start = inversion.latent_at(start_timestep(backbone, s.inversion_steps, s.steps, s.start_index))
     return EditResult(frames=backbone.decode(latents, s.decode_chunk_size), latents=latents.cpu(),
                       inverted_start=start, fps=s.fps, inversion=inversion)

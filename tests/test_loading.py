@@ -32,11 +32,25 @@ def test_folder_without_model_index(tmp_path):
         load_backbone(tmp_path)
 
 
-def test_other_pipeline_class(model_copy):
+@pytest.mark.parametrize("pipeline_class, message", [
+    ("StableDiffusionPipeline", "Stable Diffusion folder, not an image-to-video model"),
+    ("StableVideoDiffusionPipeline", "holds a StableVideoDiffusionPipeline model"),
+])
+def test_other_pipeline_class(model_copy, pipeline_class, message):
     index = json.loads((model_copy / "model_index.json").read_text())
-    (model_copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ModelLoadError, match="StableDiffusionPipeline"):
+    (model_copy / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline_class}))
+    with pytest.raises(ModelLoadError, match=message):
         load_backbone(model_copy)
+
+
+def test_seine_layout_is_detected(tmp_path):
+    from anyv2v_core.loading import detect_backbone
+
+    (tmp_path / "stable-diffusion-v1-4" / "unet").mkdir(parents=True)
+    (tmp_path / "stable-diffusion-v1-4" / "vae").mkdir()
+    (tmp_path / "stable-diffusion-v1-4" / "unet" / "config.json").write_text("{}")
+    (tmp_path / "seine.safetensors").write_bytes(b"")
+    assert detect_backbone(tmp_path) == "seine"
 
 
 def test_missing_component(model_copy):

@@ -121,11 +121,20 @@ class Backbone(ABC):
         return latents
 
     def to(self, device: torch.device | str) -> "Backbone":
-        """Move every network to `device` (the offload policies use this)."""
-        for module in self.modules().values():
-            module.to(device)
-        self.device = torch.device(device)
+        """Move every network to `device`, dropping any offload policy."""
+        self.set_offload("none", device)
         return self
+
+    def set_offload(self, policy: str, device: torch.device | str | None = None) -> None:
+        """Run on `device` (default: the current execution device) with an offload policy
+        ("none", "model", "sequential"; see `memory.py`)."""
+        from ..memory import Offloader
+
+        previous = getattr(self, "offloader", None)
+        if previous is not None:
+            previous.release()
+        self.device = torch.device(device) if device is not None else self.device
+        self.offloader = Offloader(self.modules(), self.device, policy)
 
     @abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]:

@@ -1,0 +1,95 @@
+"""Where a backbone's weights live while it runs: the offload policies.
+
+- none: every component stays on the execution device (fastest, most memory).
+- model: components live on the CPU; the first call into a component moves it to the device and
+  moves every other component back, so one component is resident at a time (the UNet stays for
+  the whole denoising loop, the text/image encoders leave once conditioning is computed).
+- sequential: the UNet's top-level blocks are streamed to the device one at a time for their
+  forward and sent back after it (lowest VRAM, slowest); the other components behave as in `model`.
+
+Both are forward pre-hooks, so they work for every backbone without it knowing. `release()`
+removes them and leaves everything on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import AnyV2VError
+
+OFFLOAD_POLICIES = ("none", "model", "sequential")
+
+
+def _callable_children(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Direct children whose forward is called, looking through ModuleLists/ModuleDicts."""
+    children = []
+    for child in module.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            children.extend(_callable_children(child))
+        else:
+            children.append(child)
+    return children
+
+
+class Offloader:
+    """Applies an offload policy to named components and keeps track of the resident one."""
+
+    def __init__(self, components: dict[str, torch.nn.Module], device: torch.device, policy: str = "none") -> None:
+        if policy not in OFFLOAD_POLICIES:
+            raise AnyV2VError(f"offload policy {policy!r} is unknown; use one of {', '.join(OFFLOAD_POLICIES)}")
+        self.components, self.device, self.policy = components, torch.device(device), policy
+        self.resident: str | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        if policy == "none":
+            for module in components.values():
+                module.to(self.device)
+            return
+        for name, module in components.items():
+            module.to("cpu")
+            streamed = policy == "sequential" and name == "unet"
+            if streamed:
+                self._stream_blocks(module)
+            # the root and its direct children: a component is often entered through a method
+            # (vae.encode -> quant_conv/encoder), never through its own forward
+            for entry in [module, *_callable_children(module)]:
+                self._handles.append(entry.register_forward_pre_hook(self._bring(name, streamed)))
+
+    def _bring(self, name: str, streamed: bool):
+        def hook(module, args):
+            if self.resident == name:
+                return
+            for other, component in self.components.items():
+                if other != name:
+                    component.to("cpu")
+            if streamed:  # only the UNet's own small root parameters; blocks come one at a time
+                root = self.components[name]
+                for tensor in [*root._parameters.values(), *root._buffers.values()]:
+                    if tensor is not None:
+                        tensor.data = tensor.data.to(self.device)
+            else:
+                self.components[name].to(self.device)
+            self.resident = name
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        return hook
+
+    def _stream_blocks(self, unet: torch.nn.Module) -> None:
+        def load(module, args) -> None:
+            module.to(self.device)
+
+        def unload(module, args, output) -> None:
+            module.to("cpu")
+
+        for block in _callable_children(unet):
+            self._handles.append(block.register_forward_pre_hook(load))
+            self._handles.append(block.register_forward_hook(unload))
+
+    def release(self) -> None:
+        """Remove the hooks and move every component to the CPU."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.components.values():
+            module.to("cpu")
+        self.resident = None
