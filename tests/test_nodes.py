@@ -162,6 +162,19 @@ def test_loader_gives_a_backbone_on_the_offload_device(graph):
     assert backbone.backbone.device.type == "cpu" and backbone.backbone.dtype == torch.float32
 
 
+def test_loader_reads_a_folder_with_only_fp16_files(nodes, host, tiny_model_dir, tmp_path, monkeypatch):
+    """The recommended download keeps only the *.fp16.safetensors files; they load in any dtype."""
+    import shutil
+
+    folder = tmp_path / "i2vgen-xl-fp16"
+    shutil.copytree(tiny_model_dir, folder)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
+    (handle,) = nodes["LoadI2VBackbone"].load("i2vgen-xl-fp16", "fp32", "offload after each node")
+    assert handle.backbone.dtype == torch.float32 and handle.backbone.unet.dtype == torch.float32
+
+
 def test_inversion_holds_the_sampling_latents(graph):
     backbone, inversion, _ = graph
     schedule = backbone.backbone.schedule
