@@ -44,14 +44,22 @@ def diffusers_roots() -> list[str]:
     return list(folder_paths.get_folder_paths("diffusers"))
 
 
+# Files that make a folder a model: a diffusers pipeline, or a SEINE checkpoint (its SD-1.4 parts beside it)
+MODEL_MARKERS = ("model_index.json", "seine.safetensors", "seine.pt")
+
+
+def is_model_folder(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, marker)) for marker in MODEL_MARKERS)
+
+
 def list_diffusers_models() -> list[str]:
-    """Folders holding a model_index.json, relative to their diffusers root, as core DiffusersLoader finds them."""
+    """Model folders relative to their diffusers root, found the way core DiffusersLoader finds them."""
     found = []
     for root in diffusers_roots():
         if not os.path.isdir(root):
             continue
         for folder, subfolders, files in os.walk(root, followlinks=True):
-            if "model_index.json" in files:
+            if any(marker in files for marker in MODEL_MARKERS):
                 found.append(os.path.relpath(folder, root).replace(os.sep, "/"))
                 subfolders.clear()  # a model's component folders hold no further models
     return sorted(set(found))
@@ -75,10 +83,11 @@ def resolve_model_folder(name: str, hint: str) -> str:
     for root in roots:
         root = os.path.abspath(root)
         folder = os.path.normpath(os.path.join(root, *parts))
-        if os.path.commonpath([root, folder]) == root and os.path.isfile(os.path.join(folder, "model_index.json")):
+        if os.path.commonpath([root, folder]) == root and is_model_folder(folder):
             return folder
     where = ", ".join(roots) or "(none configured)"
-    raise ValueError(f"model {name!r} is not a folder with a model_index.json in the diffusers folders ({where}); {hint}")
+    raise ValueError(f"model {name!r} is not a model folder (one with a model_index.json) in the diffusers "
+                     f"folders ({where}); {hint}")
 
 
 def model_class_name(folder: str) -> str | None:
@@ -118,19 +127,22 @@ def free_memory_for_heavy_work() -> None:
 
 @contextmanager
 def on_compute_device(handle) -> Iterator:
-    """The handle's backbone on ComfyUI's device for the block; back on the offload device afterwards
-    (also after an error or a cancel) unless the user chose to keep it loaded."""
+    """The handle's backbone running on ComfyUI's device under its offload policy for the block;
+    back on the offload device afterwards (also after an error or a cancel) unless the user chose
+    to keep it loaded."""
     free_memory_for_heavy_work()
     backbone = handle.backbone
     device = compute_device()
-    if backbone.device != device:
-        logger.info("moving %s to %s", backbone.name, device)
-        backbone.to(device)
+    current = getattr(backbone, "offloader", None)
+    if current is None or (current.policy, current.device) != (handle.offload, device):
+        # set_offload first returns every weight to the CPU: skip it when the model is already set up
+        logger.info("running %s on %s (offload: %s)", backbone.name, device, handle.offload)
+        backbone.set_offload(handle.offload, device)
     try:
         yield backbone
     finally:
-        if not handle.keep_loaded and backbone.device != offload_device():
-            backbone.to(offload_device())
+        if not handle.keep_loaded:
+            backbone.to(offload_device())  # also removes the offload policy's hooks
         model_management = _model_management()
         if model_management:
             model_management.soft_empty_cache()

@@ -10,7 +10,13 @@ from . import host
 
 BACKBONE = "ANYV2V_BACKBONE"
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-KEEP_LOADED, OFFLOAD = "keep loaded", "offload after each node"
+# memory choice -> (engine offload policy while a node runs, weights stay on the GPU between nodes)
+MEMORY_MODES = {
+    "offload after each node": ("none", False),
+    "keep loaded": ("none", True),
+    "model offload (less VRAM)": ("model", False),
+    "sequential offload (least VRAM, slowest)": ("sequential", False),
+}
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 I2VGENXL_HINT = host.download_hint("ali-vilab/i2vgen-xl", "i2vgen-xl", '"*.json" "*.txt" "*.fp16.safetensors"')
 
@@ -20,6 +26,7 @@ class BackboneHandle:
     """What flows on an ANYV2V_BACKBONE link: the engine backbone and the user's memory policy."""
 
     backbone: object  # anyv2v_core.backbones.base.Backbone
+    offload: str  # the engine's offload policy while a node runs: none, model or sequential
     keep_loaded: bool
     source: str
 
@@ -45,9 +52,9 @@ def check_repo_id(repo_id: str) -> str | None:
 
 class LoadI2VBackbone:
     DESCRIPTION = (
-        "Loads the image-to-video model AnyV2V edits with (I2VGen-XL, diffusers format) from ComfyUI's "
-        "models/diffusers folders, or from the Hugging Face Hub when a repo id is given. Only safetensors "
-        "weights are loaded and no remote code runs."
+        "Loads the image-to-video model AnyV2V edits with (I2VGen-XL, the paper's main model; ConsistI2V or "
+        "SEINE also work) from ComfyUI's models/diffusers folders, or from the Hugging Face Hub when a repo id "
+        "is given. Only safetensors weights are loaded and no remote code runs."
     )
     CATEGORY = "AnyV2V/loaders"
     RETURN_TYPES = (BACKBONE,)
@@ -60,17 +67,21 @@ class LoadI2VBackbone:
         return {
             "required": {
                 "model": (host.model_options(), {
-                    "tooltip": "A diffusers model folder under ComfyUI/models/diffusers (one with a model_index.json). "
-                               "For I2VGen-XL, " + I2VGENXL_HINT + ". Folders with only the fp16 weights are fine."}),
+                    "tooltip": "An image-to-video model folder under ComfyUI/models/diffusers: I2VGen-XL or ConsistI2V "
+                               "(diffusers format, with a model_index.json) or SEINE (seine.safetensors beside its "
+                               "stable-diffusion-v1-4 folder). For I2VGen-XL, " + I2VGENXL_HINT + ". Folders with only "
+                               "the fp16 weights are fine."}),
                 "dtype": (DTYPES, {
                     "default": "auto",
                     "tooltip": "Weight precision. auto: bf16 (or fp16) on a GPU, fp32 on the CPU. fp16 halves memory; "
                                "fp32 is the exact reference."}),
-                "memory": ((OFFLOAD, KEEP_LOADED), {
-                    "default": OFFLOAD,
-                    "tooltip": "offload after each node: the model goes back to the CPU when an AnyV2V node finishes, "
-                               "so other models fit on the GPU. keep loaded: it stays on the GPU (faster repeated edits, "
-                               "but ComfyUI cannot reclaim that memory)."}),
+                "memory": (tuple(MEMORY_MODES), {
+                    "default": "offload after each node",
+                    "tooltip": "offload after each node: the whole model runs on the GPU, then goes back to the CPU "
+                               "so other models fit. keep loaded: it stays on the GPU (faster repeated edits; ComfyUI "
+                               "cannot reclaim that memory). model offload: one component (UNet, VAE, encoders) on "
+                               "the GPU at a time. sequential offload: the UNet streamed block by block (for small "
+                               "GPUs; much slower)."}),
             },
             "optional": {
                 "repo_id": ("STRING", {
@@ -103,7 +114,7 @@ class LoadI2VBackbone:
             source = repo_id
         else:
             source = host.resolve_model_folder(model, I2VGENXL_HINT)
-        keep_loaded = memory == KEEP_LOADED
+        offload, keep_loaded = MEMORY_MODES[memory]
         device = host.compute_device()
         torch_dtype = resolve_dtype(dtype, device)
         variant = None if repo_id else weights_variant(source, half_precision=torch_dtype.itemsize == 2)
@@ -111,7 +122,7 @@ class LoadI2VBackbone:
         backbone = load_backbone(source, dtype=torch_dtype, variant=variant,
                                  device=device if keep_loaded else host.offload_device())
         host.logger.info("loaded %s from %s (%s, %s)", backbone.name, source, backbone.dtype, backbone.device)
-        return (BackboneHandle(backbone=backbone, keep_loaded=keep_loaded, source=source),)
+        return (BackboneHandle(backbone=backbone, offload=offload, keep_loaded=keep_loaded, source=source),)
 
 
 NODE_CLASS_MAPPINGS = {"LoadI2VBackbone": LoadI2VBackbone}

@@ -7,6 +7,9 @@ from .injection import FEATURES
 from .loaders import BACKBONE
 
 
+SAMPLERS = ("auto", "ddim", "ddpm")
+
+
 def negative_prompt_default() -> str:
     from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT
 
@@ -16,9 +19,9 @@ def negative_prompt_default() -> str:
 class InjectedSampler:
     DESCRIPTION = (
         "Regenerates the clip from the edited first frame and the prompt with the image-to-video model, while "
-        "the source branch's injected features keep the original structure and motion (AnyV2V). Deterministic "
-        "DDIM from the inverted source latents, so there is no seed. Outputs the edited frames and their frame "
-        "rate, ready for CreateVideo -> SaveVideo."
+        "the source branch's injected features keep the original structure and motion (AnyV2V). Sampling "
+        "starts from the inverted source latents; with DDIM (I2VGen-XL's sampler) it is deterministic. Outputs "
+        "the edited frames and their frame rate, ready for CreateVideo -> SaveVideo."
     )
     CATEGORY = "AnyV2V/sampling"
     RETURN_TYPES = ("IMAGE", "FLOAT")
@@ -46,10 +49,19 @@ class InjectedSampler:
                 "decode_chunk_size": ("INT", {"default": 1, "min": 1, "max": 128,
                                               "tooltip": "Frames the VAE decodes at once: 1 needs the least memory, "
                                                          "more can be faster on a large GPU."}),
+                "sampler": (SAMPLERS, {"default": "auto",
+                                       "tooltip": "auto: the model's reference sampler (DDIM for I2VGen-XL and "
+                                                  "ConsistI2V, DDPM for SEINE). ddim is deterministic; ddpm adds "
+                                                  "fresh noise at each step."}),
+                "ddpm_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                      "tooltip": "Seed of the DDPM sampler's noise; DDIM has no noise and ignores it. "
+                                                 "(Not named 'seed' on purpose: ComfyUI would randomize it on every "
+                                                 "queue and re-run the edit.)"}),
             }
         }
 
-    def sample(self, backbone, features, edited_first_frame, prompt, negative_prompt, cfg, decode_chunk_size):
+    def sample(self, backbone, features, edited_first_frame, prompt, negative_prompt, cfg, decode_chunk_size,
+               sampler, ddpm_seed):
         from anyv2v_core.sampling import sample_edit
         from anyv2v_core.video import prepare_first_frame
 
@@ -58,6 +70,7 @@ class InjectedSampler:
         with host.on_compute_device(backbone) as model:
             latents = sample_edit(model, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
                                   injection=features.injection_for(model), cfg=cfg, start_index=features.start_index,
+                                  sampler=None if sampler == "auto" else sampler, seed=ddpm_seed,
                                   progress=host.progress_bar(inversion.sampling_steps - features.start_index))
             host.check_interrupted()
             frames = model.decode(latents, decode_chunk_size)

@@ -158,7 +158,7 @@ def test_select_frames(nodes, source_frames):
 
 def test_loader_gives_a_backbone_on_the_offload_device(graph):
     backbone, _, _ = graph
-    assert backbone.backbone.name == "i2vgen-xl" and not backbone.keep_loaded
+    assert backbone.backbone.name == "i2vgen-xl" and not backbone.keep_loaded and backbone.offload == "none"
     assert backbone.backbone.device.type == "cpu" and backbone.backbone.dtype == torch.float32
 
 
@@ -207,7 +207,7 @@ def test_first_frame_editor_instruct_pix2pix_needs_a_model(nodes, host, source_f
 def test_sampler_output_shapes_and_range(pack, nodes, graph, edited_frame):
     backbone, _, features = graph
     frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
-                                                  9.0, 2)
+                                                  9.0, 2, "auto", 0)
     assert frames.shape == (FRAMES, SIZE, SIZE, 3) and frames.dtype == torch.float32
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and fps == 8.0
 
@@ -224,7 +224,7 @@ def test_graph_equals_pipeline_edit(pack, nodes, graph, source_frames, edited_fr
                                                    INVERSION_STEPS, STEPS)
     (features,) = nodes["CaptureFeatures"].plan(inversion, 0.4, 0.2, 1.0, 1)
     frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
-                                                  7.5, 1)
+                                                  7.5, 1, "auto", 0)
 
     settings = EditSettings(size_wh=(SIZE, SIZE), resize="crop", num_frames=FRAMES, fps=8,
                             inversion_steps=INVERSION_STEPS, steps=STEPS, cfg=7.5, start_index=1,
@@ -242,7 +242,7 @@ def test_graph_equals_cli(pack, nodes, graph, tiny_model_dir, source_frames, edi
     from anyv2v_core.video import write_image
 
     backbone, _, features = graph
-    frames, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1)
+    frames, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1, "auto", 0)
 
     (tmp_path / "video").mkdir()
     for index, frame in enumerate(source_frames):  # lossless PNG frames, so both see the same pixels
@@ -263,9 +263,9 @@ def test_edited_frame_of_another_size_is_resized_like_the_source(pack, nodes, gr
 
     backbone, _, features = graph
     at_working_size, _ = nodes["InjectedSampler"].sample(backbone, features, resize_frames(edited_frame, (SIZE, SIZE)),
-                                                         PROMPT, negative_prompt(pack), 9.0, 1)
+                                                         PROMPT, negative_prompt(pack), 9.0, 1, "auto", 0)
     resized_inside, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT,
-                                                        negative_prompt(pack), 9.0, 1)
+                                                        negative_prompt(pack), 9.0, 1, "auto", 0)
     assert edited_frame.shape[1] != SIZE
     torch.testing.assert_close(resized_inside, at_working_size, rtol=0, atol=1e-6)
 
@@ -282,7 +282,7 @@ def test_layer_override_reaches_the_sampler(pack, nodes, graph, edited_frame):
 
     (features,) = nodes["CaptureFeatures"].plan(inversion, 0.2, 0.2, 0.5, 0, "conv: up_blocks.9.resnets.0.conv2")
     with pytest.raises(AnyV2VError, match="up_blocks.9.resnets.0.conv2"):
-        nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1)
+        nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1, "auto", 0)
 
 
 def test_cancel_mid_sampling_leaves_the_backbone_unpatched(pack, nodes, graph, host, edited_frame, monkeypatch):
@@ -301,9 +301,21 @@ def test_cancel_mid_sampling_leaves_the_backbone_unpatched(pack, nodes, graph, h
     backbone, _, features = graph
     monkeypatch.setattr(host, "check_interrupted", interrupt_on_third_step)
     with pytest.raises(Interrupted):
-        nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1)
+        nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1, "auto", 0)
     assert not has_injection_hooks(backbone.backbone.unet)
     assert backbone.backbone.device.type == "cpu"
+
+
+def test_model_offload_policy_gives_the_same_frames(pack, nodes, graph, host, tiny_model_dir, edited_frame):
+    backbone, _, features = graph
+    (offloaded,) = nodes["LoadI2VBackbone"].load(tiny_model_dir.name, "fp32", "model offload (less VRAM)")
+    assert offloaded.offload == "model"
+    expected, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                  9.0, 1, "auto", 0)
+    frames, _ = nodes["InjectedSampler"].sample(offloaded, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                9.0, 1, "auto", 0)
+    torch.testing.assert_close(frames, expected, rtol=0, atol=1e-6)
+    assert offloaded.backbone.offloader.policy == "none", "the policy's hooks are removed after the node"
 
 
 # ---------------------------------------------------------------------------------------------- validation
