@@ -204,6 +204,48 @@ def test_first_frame_editor_instruct_pix2pix_needs_a_model(nodes, host, source_f
                                        "tiny-i2vgenxl", 20, 1.5, 7.5, 0)
 
 
+def build_tiny_instruct_pix2pix(folder):
+    """A random-weight InstructPix2Pix pipeline in diffusers format (8-channel UNet input: latents + image)."""
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from anyv2v_core.tiny_models import write_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    write_tokenizer(folder / "tokenizer")
+    StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+def test_first_frame_editor_instruct_pix2pix_runs_on_a_tiny_model(pack, nodes, host, source_frames, tmp_path,
+                                                                   monkeypatch):
+    build_tiny_instruct_pix2pix(tmp_path / "tiny-ip2p")
+    monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
+    assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS(SIZE, SIZE, "instruct-pix2pix", "tiny-ip2p")
+    arguments = (source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue", "tiny-ip2p", 3, 1.5, 7.5)
+    (edited,) = nodes["FirstFrameEditor"].edit(*arguments, 7)
+    assert edited.shape == (1, SIZE, SIZE, 3) and edited.dtype == torch.float32
+    assert 0.0 <= float(edited.min()) and float(edited.max()) <= 1.0
+    assert torch.equal(nodes["FirstFrameEditor"].edit(*arguments, 7)[0], edited), "the same seed gives the same edit"
+    with pytest.raises(ValueError, match="needs an instruction"):
+        nodes["FirstFrameEditor"].edit(source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", " ", "tiny-ip2p", 3,
+                                       1.5, 7.5, 7)
+
+
 def test_sampler_output_shapes_and_range(pack, nodes, graph, edited_frame):
     backbone, _, features = graph
     frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
