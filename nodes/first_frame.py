@@ -13,6 +13,7 @@ from . import host
 from .inversion import RESIZE_POLICIES, RESIZE_TOOLTIP, check_working_size, size_inputs
 
 PASSTHROUGH, INSTRUCT_PIX2PIX = "passthrough", "instruct-pix2pix"
+MODES = (PASSTHROUGH, INSTRUCT_PIX2PIX)
 IP2P_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
 IP2P_HINT = host.download_hint("timbrooks/instruct-pix2pix", "instruct-pix2pix",
                                '"*.json" "*.txt" "unet/*.safetensors" "vae/*.safetensors" "text_encoder/*.safetensors"')
@@ -50,7 +51,7 @@ class FirstFrameEditor:
                 **size_inputs(),
                 "resize": (RESIZE_POLICIES, {"default": "stretch",
                                              "tooltip": RESIZE_TOOLTIP + " Use the same as DDIMInvertVideo."}),
-                "mode": ((PASSTHROUGH, INSTRUCT_PIX2PIX), {
+                "mode": (MODES, {
                     "default": PASSTHROUGH,
                     "tooltip": "passthrough: no edit here (edit the frame with other nodes). instruct-pix2pix: edit it "
                                "with the instruction below."}),
@@ -79,6 +80,8 @@ class FirstFrameEditor:
         problem = check_working_size(width, height)
         if problem:
             return problem
+        if mode not in MODES:  # ComfyUI leaves the check of a combo that VALIDATE_INPUTS takes to it
+            return f"mode {mode!r} is unknown; use {' or '.join(MODES)}"
         if mode == INSTRUCT_PIX2PIX:
             try:
                 check_instruct_pix2pix_model(model)

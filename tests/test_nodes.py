@@ -410,6 +410,7 @@ def test_first_frame_editor_validation(pack, host):
     validate = pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS
     assert validate(512, 512, "passthrough", "(no diffusers model found)") is True
     assert "multiples of 8" in validate(512, 100, "passthrough", "x")
+    assert "mode 'sketch' is unknown" in validate(512, 512, "sketch", "x")
     assert "needs an InstructPix2Pix model" in validate(512, 512, "instruct-pix2pix", "instruct-pix2pix")
     assert "not StableDiffusionInstructPix2PixPipeline" in validate(512, 512, "instruct-pix2pix", "tiny-i2vgenxl")
 
