@@ -96,8 +96,12 @@ class LoadI2VBackbone:
         repo_id = (repo_id or "").strip()
         if repo_id:
             return check_repo_id(repo_id) or True
+        from pathlib import Path
+
+        from anyv2v_core.loading import detect_backbone
+
         try:
-            host.resolve_model_folder(model, I2VGENXL_HINT)
+            detect_backbone(Path(host.resolve_model_folder(model, I2VGENXL_HINT)))  # reads model_index.json only
         except ValueError as error:
             return str(error)
         return True

@@ -371,6 +371,10 @@ def test_loader_validation(pack, host, tmp_path, monkeypatch):
     assert "not a path out of them" in validate("/etc")
     assert "hf download ali-vilab/i2vgen-xl" in validate("missing-model")
     assert validate("", repo_id="ali-vilab/i2vgen-xl") is True
+    (tmp_path / "sd" / "sd-1.5").mkdir(parents=True)
+    (tmp_path / "sd" / "sd-1.5" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path / "sd")])
+    assert "not an image-to-video model" in validate("sd-1.5")
     assert "not a Hugging Face repo id" in validate("", repo_id="../../etc")
     (tmp_path / "org" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
