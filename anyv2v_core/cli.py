@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     edit.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for files you trust")
+    edit.add_argument("--window", type=int, default=None,
+                      help="edit long videos in temporal windows of this many frames (e.g. 16); default: all frames at once")
+    edit.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
+    edit.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                      help="GPU memory policy: model = one component on the GPU at a time, sequential = lowest VRAM")
     edit.add_argument("--decode-chunk-size", type=int, default=1, help="frames decoded at once by the VAE")
     edit.add_argument("--save-latents", type=Path, default=None,
                       help="also write final latents and the inverted start latent (.safetensors)")
@@ -89,6 +94,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from .loading import backbone_defaults, detect_backbone, load_backbone
     from .pipeline import EditSettings, edit
     from .video import check_output_path, read_frames, read_image, write_video
+    from .windows import ContextWindows
 
     # checks that need no model, before the model loads
     check_output_path(args.out, overwrite=args.overwrite)
@@ -99,6 +105,7 @@ def run_edit(args: argparse.Namespace) -> None:
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
         start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
         seed=args.seed, sample_posterior=args.sample_posterior,
+        windows=None if args.window is None else ContextWindows(args.window, args.window_overlap),
         injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau),
     )
     local_model = Path(args.model).expanduser()
@@ -108,7 +115,8 @@ def run_edit(args: argparse.Namespace) -> None:
     edited_first_frame = read_image(args.edited_first_frame)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle)
+    backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
+                             offload=args.offload)
     started = time.perf_counter()
     result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
                   progress=_print_progress)

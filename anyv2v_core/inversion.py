@@ -15,6 +15,7 @@ import torch
 
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
+from .windows import ContextWindows, predict_in_windows
 
 Progress = Callable[[int, int], None]
 
@@ -35,6 +36,7 @@ class Inversion:
     fps: int
     inversion_steps: int
     sampling_steps: int
+    windows: ContextWindows | None = None  # temporal windows used here and by sampling; None: all frames at once
 
     @property
     def size_wh(self) -> tuple[int, int]:
@@ -80,11 +82,13 @@ def invert_video(
     fps: int = 8,
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
+    windows: ContextWindows | None = None,
 ) -> Inversion:
     """DDIM-invert prepared frames [F, H, W, 3] (already at the working size).
 
     `generator` samples the VAE posterior instead of taking its mean (the reference samples it
-    from the global RNG; the mean is the deterministic default).
+    from the global RNG; the mean is the deterministic default). `windows` runs every UNet
+    evaluation over temporal context windows (`windows.py`); sampling then uses the same windows.
     """
     if fps <= 0:
         raise AnyV2VError(f"fps must be positive (got {fps}); I2V models use 8 as their default")
@@ -101,7 +105,7 @@ def invert_video(
     targets = schedule.inversion_timesteps(inversion_steps)
     with torch.inference_mode():
         for done, t in enumerate(targets, start=1):
-            model_output = backbone.predict(latents, t, [source_condition])
+            model_output = predict_in_windows(backbone, latents, t, [source_condition], windows)
             alpha_now, alpha_target = schedule.inversion_alphas(t, inversion_steps)
             latents = schedule.ddim_move(model_output, latents, alpha_now, alpha_target)
             if t in keep:
@@ -117,4 +121,5 @@ def invert_video(
         fps=fps,
         inversion_steps=inversion_steps,
         sampling_steps=sampling_steps,
+        windows=windows,
     )

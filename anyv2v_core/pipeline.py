@@ -11,11 +11,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .backbones.base import Backbone, BackboneDefaults
+from .errors import AnyV2VError
 from .injection import InjectionSettings
 from .inversion import Inversion, Progress, invert_video, start_timestep
 from .sampling import check_sampling_settings, sample_edit
-from .errors import AnyV2VError
 from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
+from .windows import ContextWindows
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class EditSettings:
     start_index: int | None = None
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     decode_chunk_size: int = 1
+    windows: ContextWindows | None = None  # temporal context windows for long videos; None: all frames at once
     sampler: str | None = None  # "ddim" (deterministic) or "ddpm"; None: the backbone's reference sampler
     seed: int = 0  # seeds the DDPM sampler's noise and, with sample_posterior, the VAE posterior sample
     sample_posterior: bool = False  # the reference samples the VAE posterior; the mean is deterministic
@@ -106,7 +108,7 @@ def edit(
         return None if progress is None else (lambda done, _: progress(offset + done, total))
 
     inversion = invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps,
-                             fps=s.fps, progress=phase(0), generator=generator)
+                             fps=s.fps, progress=phase(0), generator=generator, windows=s.windows)
     latents = sample_edit(backbone, inversion, first_frame, prompt=prompt, negative_prompt=s.negative_prompt,
                           injection=s.injection, cfg=s.cfg, start_index=s.start_index, sampler=s.sampler,
                           seed=s.seed, progress=phase(s.inversion_steps))

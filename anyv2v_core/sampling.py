@@ -21,6 +21,7 @@ from .backbones.base import Backbone
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected
 from .inversion import Inversion, Progress, start_timestep
+from .windows import predict_in_windows
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -97,7 +98,7 @@ def sample_edit(
                 rows = [uncond, cond]
                 batch = torch.cat([latents, latents])
             injector.set_step(active, num_rows=len(rows))
-            model_output = backbone.predict(batch, t, rows)
+            model_output = predict_in_windows(backbone, batch, t, rows, inversion.windows)
             output_uncond, output_cond = model_output[-2:-1], model_output[-1:]
             guided = output_uncond + cfg * (output_cond - output_uncond)
             if sampler == "ddim":

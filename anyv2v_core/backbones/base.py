@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -53,7 +54,12 @@ class BackboneDefaults:
 
 class RowCondition:
     """Conditioning of one batch row (text, first-frame image, masks...). Opaque to the loops;
-    each backbone defines its own subclass and knows how to batch it."""
+    each backbone defines its own dataclass subclass and knows how to batch it.
+
+    `frame_fields` names the tensor fields laid out [1, C, F, h, w] along the video's frames;
+    temporal windows (`windows.py`) slice them with the latents."""
+
+    frame_fields: ClassVar[tuple[str, ...]] = ()
 
 
 class Backbone(ABC):

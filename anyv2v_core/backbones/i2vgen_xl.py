@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "image_encoder", "feat
 
 @dataclass
 class I2VGenXLRow(RowCondition):
+    frame_fields: ClassVar[tuple[str, ...]] = ("image_latents",)
     text_embeddings: torch.Tensor  # [1, 77, D]
     image_embeddings: torch.Tensor  # [1, 1, D']
     image_latents: torch.Tensor  # [1, C, F, h, w]: first-frame latent + frame-position frames

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ SD_COMPONENTS = {"vae": "diffusion_pytorch_model", "text_encoder": "model", "tok
 
 @dataclass
 class SeineRow(RowCondition):
+    frame_fields: ClassVar[tuple[str, ...]] = ("mask", "masked_latents")
     text_embeddings: torch.Tensor  # [1, 77, D]
     mask: torch.Tensor  # [1, 1, F, h, w]: 0 on the given first frame, 1 on the frames to generate
     masked_latents: torch.Tensor  # [1, C, F, h, w]: latents of [first frame, grey, ..., grey]
