@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, oracle_path
+from test_nodes import build_tiny_instruct_pix2pix
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -41,6 +42,7 @@ pytestmark = [
 OUR_NODES = ("LoadI2VBackbone", "AnyV2VSelectFrames", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
              "FirstFrameEditor")
 TINY_MODEL = "anyv2v-tiny-i2vgenxl"
+TINY_IP2P = "anyv2v-tiny-instruct-pix2pix"
 FRAMES, SIZE = 8, 64
 STARTUP_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 600
@@ -52,7 +54,7 @@ TINY_SETTINGS = {
     "LoadI2VBackbone": {"model": TINY_MODEL, "repo_id": "", "dtype": "fp32"},
     "AnyV2VSelectFrames": {"start_frame": 0, "every_nth": 1, "frame_count": 0},
     "DDIMInvertVideo": {"width": SIZE, "height": SIZE, "frame_count": FRAMES, "inversion_steps": 10, "sampling_steps": 5},
-    "FirstFrameEditor": {"width": SIZE, "height": SIZE, "steps": 2},
+    "FirstFrameEditor": {"width": SIZE, "height": SIZE, "model": TINY_IP2P, "steps": 2},
     "InjectedSampler": {"prompt": "a blue square moving"},
 }
 
@@ -222,6 +224,7 @@ def server(tmp_path_factory):
     (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
     (root / "diffusers").mkdir()
     (root / "diffusers" / TINY_MODEL).symlink_to(model, target_is_directory=True)
+    build_tiny_instruct_pix2pix(root / "diffusers" / TINY_IP2P)
     base = root / "base"  # ComfyUI's --base-directory: its own (empty) custom_nodes, models, user data
     for folder in ("input", "custom_nodes", "models"):
         (base / folder).mkdir(parents=True)
@@ -322,9 +325,22 @@ def test_external_first_frame_workflow_runs_and_caches_inversion(server):
     assert count == FRAMES
 
 
+def test_prompt_edit_workflow_runs_the_builtin_first_frame_edit(server):
+    prompt = api_workflow("anyv2v_prompt_edit.json")
+    started = time.monotonic()
+    seen = server.run(prompt)
+    assert seen["error"] is None, f"execution error: {seen['error']}\n{server.log_tail()}"
+    assert node_id(prompt, "PreviewImage") in seen["executed"], "the edited first frame was not previewed"
+    path, count, size_wh = read_output_video(server, seen["history"])
+    print(f"prompt-edit workflow (tiny InstructPix2Pix): {time.monotonic() - started:.1f} s, saved {path.name} with "
+          f"{count} frames at {size_wh[0]}x{size_wh[1]}")
+    assert count == FRAMES and size_wh == (SIZE, SIZE)
+
+
 def test_bad_inputs_are_validation_errors(server):
-    # the prompt-edit workflow asks for an InstructPix2Pix model that the test host does not have
+    # an InstructPix2Pix model that the host does not have
     prompt = video_output_only(api_workflow("anyv2v_prompt_edit.json"))
+    prompt[node_id(prompt, "FirstFrameEditor")]["inputs"]["model"] = "instruct-pix2pix"
     status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
     assert status == 400, answer
     errors = answer["node_errors"][node_id(prompt, "FirstFrameEditor")]["errors"]
