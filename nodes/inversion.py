@@ -76,6 +76,27 @@ def check_steps(inversion_steps, sampling_steps) -> str | None:
     return None
 
 
+def context_windows(length: int, overlap: int):
+    """The engine's temporal windows, or None for length 0 (all frames at once)."""
+    from anyv2v_core.windows import ContextWindows
+
+    return ContextWindows(length, overlap) if length else None
+
+
+def check_windows(length, overlap) -> str | None:
+    from anyv2v_core.errors import AnyV2VError
+
+    if length is None or overlap is None:
+        return None
+    if length < 0:
+        return f"window_length must be 0 (off) or at least 2 (got {length})"
+    try:
+        context_windows(length, overlap)
+    except AnyV2VError as error:
+        return str(error)
+    return None
+
+
 class DDIMInvertVideo:
     DESCRIPTION = (
         "Prepares the source clip (frame count, working size) and DDIM-inverts it with the image-to-video "
@@ -97,9 +118,10 @@ class DDIMInvertVideo:
                 "source_frames": ("IMAGE", {"tooltip": "The video to edit, as an IMAGE batch (frames on the batch axis)."}),
                 **size_inputs(),
                 "resize": (RESIZE_POLICIES, {"default": "stretch", "tooltip": RESIZE_TOOLTIP}),
-                "frame_count": ("INT", {"default": 16, "min": 2, "max": 128,
+                "frame_count": ("INT", {"default": 16, "min": 2, "max": 1024,
                                         "tooltip": "How many frames to edit, from the first one. I2VGen-XL generates 16; "
-                                                   "the source must have at least this many."}),
+                                                   "for more, set window_length. The source must have at least this "
+                                                   "many."}),
                 "fps": ("INT", {"default": 8, "min": 1, "max": 60,
                                 "tooltip": "The frame rate the model is told the clip has (a conditioning input). "
                                            "I2VGen-XL and the paper use 8; the edited video is played at this rate."}),
@@ -110,22 +132,33 @@ class DDIMInvertVideo:
                 "sampling_steps": ("INT", {"default": 50, "min": 1, "max": DEFAULT_NUM_TRAIN_TIMESTEPS,
                                            "tooltip": "DDIM steps InjectedSampler will take (the paper: 50). Set here "
                                                       "because the inversion keeps only the latents those steps read."}),
+                "window_length": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                          "tooltip": "0: the model sees all frames at once (the paper). Otherwise the "
+                                                     "model runs on overlapping windows of this many frames, for clips "
+                                                     "longer than it was trained on (16 for I2VGen-XL); memory then "
+                                                     "depends on the window, not the clip. The sampler uses the same "
+                                                     "windows."}),
+                "window_overlap": ("INT", {"default": 4, "min": 0, "max": 1023,
+                                           "tooltip": "Frames shared by neighbouring windows, cross-faded so no seam "
+                                                      "shows (below window_length)."}),
             }
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, inversion_steps, sampling_steps):
-        return check_working_size(width, height) or check_steps(inversion_steps, sampling_steps) or True
+    def VALIDATE_INPUTS(cls, width, height, inversion_steps, sampling_steps, window_length, window_overlap):
+        return (check_working_size(width, height) or check_steps(inversion_steps, sampling_steps)
+                or check_windows(window_length, window_overlap) or True)
 
     def invert(self, backbone, source_frames, width, height, resize, frame_count, fps, inversion_steps,
-               sampling_steps):
+               sampling_steps, window_length, window_overlap):
         from anyv2v_core.inversion import invert_video
         from anyv2v_core.video import prepare_frames
 
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
         with host.on_compute_device(backbone) as model:
             inversion = invert_video(model, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
-                                     fps=fps, progress=host.progress_bar(inversion_steps))
+                                     fps=fps, windows=context_windows(window_length, window_overlap),
+                                     progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)
         return (SourceInversion(inversion=inversion, resize=resize),)
 

@@ -72,7 +72,7 @@ def graph(nodes, host, tiny_model_dir, source_frames):
     """Backbone, inversion and features made by the nodes (fp32, on the CPU)."""
     (backbone,) = nodes["LoadI2VBackbone"].load(tiny_model_dir.name, "fp32", "offload after each node")
     (inversion,) = nodes["DDIMInvertVideo"].invert(backbone, source_frames, SIZE, SIZE, "stretch", FRAMES, 8,
-                                                   INVERSION_STEPS, STEPS)
+                                                   INVERSION_STEPS, STEPS, 0, 4)
     (features,) = nodes["CaptureFeatures"].plan(inversion, 0.2, 0.2, 0.5, 0)
     return backbone, inversion, features
 
@@ -260,17 +260,19 @@ def test_sampler_output_shapes_and_range(pack, nodes, graph, edited_frame):
 def test_graph_equals_pipeline_edit(pack, nodes, graph, source_frames, edited_frame):
     from anyv2v_core.injection import InjectionSettings
     from anyv2v_core.pipeline import EditSettings, edit
+    from anyv2v_core.windows import ContextWindows
 
     backbone, _, _ = graph
     (inversion,) = nodes["DDIMInvertVideo"].invert(backbone, source_frames, SIZE, SIZE, "crop", FRAMES, 8,
-                                                   INVERSION_STEPS, STEPS)
+                                                   INVERSION_STEPS, STEPS, 4, 2)
     (features,) = nodes["CaptureFeatures"].plan(inversion, 0.4, 0.2, 1.0, 1)
     frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
                                                   7.5, 1, "auto", 0)
 
     settings = EditSettings(size_wh=(SIZE, SIZE), resize="crop", num_frames=FRAMES, fps=8,
                             inversion_steps=INVERSION_STEPS, steps=STEPS, cfg=7.5, start_index=1,
-                            injection=InjectionSettings(conv_tau=0.4, spatial_tau=0.2, temporal_tau=1.0))
+                            injection=InjectionSettings(conv_tau=0.4, spatial_tau=0.2, temporal_tau=1.0),
+                            windows=ContextWindows(4, 2))
     expected = edit(backbone.backbone, source_frames, edited_frame, prompt=PROMPT, settings=settings)
     assert fps == expected.fps
     torch.testing.assert_close(frames, expected.frames, rtol=0, atol=1e-6)
@@ -391,13 +393,19 @@ def test_loader_without_models_says_how_to_get_one(pack, monkeypatch):
 
 
 def test_inversion_validation(pack):
-    validate = pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS
+    def validate(width, height, inversion_steps, sampling_steps, window_length=0, window_overlap=4):
+        return pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS(
+            width, height, inversion_steps, sampling_steps, window_length, window_overlap)
+
     assert validate(512, 512, 500, 50) is True and validate(512, 512, 100, 50) is True
     assert "multiples of 8" in validate(500, 512, 500, 50)
     message = validate(512, 512, 30, 50)
     assert "inversion steps do not reach" in message and "use an inversion step count among" in message
     assert "between 1 and 1000" in validate(512, 512, 0, 50)
     assert validate(None, 512, None, 50) is True  # linked inputs are checked when the graph runs
+    assert validate(512, 512, 500, 50, 16, 4) is True
+    assert "window overlap must be in 0..7" in validate(512, 512, 500, 50, 8, 8)
+    assert "at least 2" in validate(512, 512, 500, 50, -1, 0)
 
 
 def test_capture_features_validation(pack, graph, nodes):
