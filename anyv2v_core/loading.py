@@ -113,6 +113,17 @@ def detect_backbone(folder: Path) -> str:
     return PIPELINE_CLASSES[pipeline_class]
 
 
+def pick_variant(folder: Path, variant: str | None, dtype: torch.dtype) -> str | None:
+    """Resolve variant="auto": the fp16 files where they are all the folder has (the recommended
+    download) or where half precision is wanted anyway; else the full-precision files."""
+    if variant != "auto":
+        return variant
+    unet = folder / "unet"
+    has_full = (unet / "diffusion_pytorch_model.safetensors").is_file()
+    has_fp16 = (unet / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    return "fp16" if has_fp16 and (dtype.itemsize == 2 or not has_full) else None
+
+
 def check_components(folder: Path, components: dict[str, str | None], *, variant: str | None, allow_pickle: bool) -> bool:
     """Validate the component folders; returns True when the weights are safetensors."""
     problems, pickled = [], []
@@ -163,7 +174,7 @@ def load_backbone(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
-    variant: str | None = None,
+    variant: str | None = "auto",
     allow_pickle: bool = False,
     backbone: str = "auto",
     offload: str = "none",
@@ -171,7 +182,8 @@ def load_backbone(
 ) -> Backbone:
     """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode.
 
-    `backbone` is detected from model_index.json unless given; `offload` is a policy of
+    `backbone` is detected from model_index.json unless given; `variant` "auto" reads the fp16
+    files where the folder has only those or half precision is asked for; `offload` is a policy of
     `memory.py` ("none", "model", "sequential"); `options` go to that backbone's loader
     (ConsistI2V: source_branch_first_frame="edited"|"source").
     """
@@ -200,6 +212,7 @@ def load_backbone(
         else:
             from .backbones.i2vgen_xl import I2VGenXLBackbone
 
+            variant = pick_variant(folder, variant, torch_dtype)
             only_safetensors = check_components(folder, I2VGENXL_COMPONENTS, variant=variant, allow_pickle=allow_pickle)
             # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
             loaded = I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=load_device, variant=variant,

@@ -31,15 +31,6 @@ class BackboneHandle:
     source: str
 
 
-def weights_variant(folder: str, half_precision: bool) -> str | None:
-    """"fp16" where the folder's fp16 variant should be read: it is all there is (the recommended
-    download), or half precision is wanted anyway; None for the full-precision files."""
-    unet = os.path.join(folder, "unet")
-    has_full = os.path.isfile(os.path.join(unet, "diffusion_pytorch_model.safetensors"))
-    has_fp16 = os.path.isfile(os.path.join(unet, "diffusion_pytorch_model.fp16.safetensors"))
-    return "fp16" if has_fp16 and (half_precision or not has_full) else None
-
-
 def check_repo_id(repo_id: str) -> str | None:
     """An error message for a repo id that is not one (None when it is fine)."""
     if not REPO_ID.match(repo_id) or ".." in repo_id:
@@ -121,9 +112,8 @@ class LoadI2VBackbone:
         offload, keep_loaded = MEMORY_MODES[memory]
         device = host.compute_device()
         torch_dtype = resolve_dtype(dtype, device)
-        variant = None if repo_id else weights_variant(source, half_precision=torch_dtype.itemsize == 2)
         host.free_memory_for_heavy_work()
-        backbone = load_backbone(source, dtype=torch_dtype, variant=variant,
+        backbone = load_backbone(source, dtype=torch_dtype,
                                  device=device if keep_loaded else host.offload_device())
         host.logger.info("loaded %s from %s (%s, %s)", backbone.name, source, backbone.dtype, backbone.device)
         return (BackboneHandle(backbone=backbone, offload=offload, keep_loaded=keep_loaded, source=source),)

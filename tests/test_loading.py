@@ -79,3 +79,12 @@ def test_repo_id_is_not_downloaded_offline(monkeypatch):
 def test_unknown_dtype(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="dtype"):
         load_backbone(tiny_model_dir, dtype="int8")
+
+
+def test_a_folder_with_only_fp16_files_loads(model_copy):
+    """The recommended download keeps only *.fp16.safetensors; variant="auto" finds them in any dtype."""
+    for weights in model_copy.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    assert load_backbone(model_copy, dtype="fp32").unet.dtype == torch.float32
+    with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors is missing"):
+        load_backbone(model_copy, variant=None)
