@@ -8,6 +8,7 @@ sampling will visit, because those are the only ones it reads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,9 @@ import torch
 
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
-from .windows import ContextWindows, predict_in_windows
+from .memory import guard_out_of_memory
+from .video import check_frames, check_size
+from .windows import ContextWindows, check_frame_count, predict_in_windows
 
 Progress = Callable[[int, int], None]
 
@@ -73,6 +76,7 @@ def start_timestep(backbone: Backbone, inversion_steps: int, sampling_steps: int
     return max([t for t in targets if t <= backbone.start_timestep], default=first)
 
 
+@guard_out_of_memory("inversion")
 def invert_video(
     backbone: Backbone,
     frames: torch.Tensor,
@@ -90,9 +94,12 @@ def invert_video(
     from the global RNG; the mean is the deterministic default). `windows` runs every UNet
     evaluation over temporal context windows (`windows.py`); sampling then uses the same windows.
     """
-    if fps <= 0:
-        raise AnyV2VError(f"fps must be positive (got {fps}); I2V models use 8 as their default")
+    if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
     check_inversion_steps(backbone, inversion_steps, sampling_steps)
+    frames = check_frames(frames, "source frames", min_frames=2)
+    check_size((frames.shape[2], frames.shape[1]))
+    check_frame_count(backbone, int(frames.shape[0]), windows)
     schedule = backbone.schedule
     keep = set(schedule.timesteps(sampling_steps)) | {start_timestep(backbone, inversion_steps, sampling_steps)}
     num_frames = int(frames.shape[0])

@@ -9,13 +9,20 @@
 
 Both are forward pre-hooks, so they work for every backbone without it knowing. `release()`
 removes them and leaves everything on the CPU.
+
+`guard_out_of_memory` turns an accelerator out-of-memory error in inversion, sampling or decoding
+into `AnyV2VOutOfMemory`, whose message names these policies and the other options that help.
 """
 
 from __future__ import annotations
 
+import gc
+import traceback
+from contextlib import ContextDecorator
+
 import torch
 
-from .errors import AnyV2VError
+from .errors import AnyV2VError, AnyV2VOutOfMemory
 
 OFFLOAD_POLICIES = ("none", "model", "sequential")
 
@@ -93,3 +100,51 @@ class Offloader:
         for module in self.components.values():
             module.to("cpu")
         self.resident = None
+
+
+# ---------------------------------------------------------------------------------------------- out of memory
+
+OUT_OF_MEMORY_ADVICE = (
+    "To lower peak memory: load the model with offload 'model' or 'sequential' (node memory mode, CLI --offload), "
+    "use fp16/bf16 weights, edit fewer frames, use temporal windows (node window_length, CLI --window 16), "
+    "choose a smaller working size, or decode fewer frames at once (decode chunk size 1)"
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, XPU), or a RuntimeError saying so (MPS and other backends)."""
+    if isinstance(error, AnyV2VOutOfMemory):
+        return False
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def release_memory() -> None:
+    """Return cached accelerator blocks to the driver once the tensors of a failed step are gone."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class guard_out_of_memory(ContextDecorator):
+    """Turn an out-of-memory error inside the block into `AnyV2VOutOfMemory`, after freeing memory.
+
+    Inner context managers (the injection hooks) have already restored the model when the error
+    reaches this guard. The failed step's tensors stay alive as long as the traceback's frames
+    do, so their locals are cleared before the cache is emptied; the new error keeps only the
+    original message.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __enter__(self) -> "guard_out_of_memory":
+        return self
+
+    def __exit__(self, error_type, error, tb) -> bool:
+        if error is None or not is_out_of_memory(error):
+            return False
+        detail = (str(error).strip().splitlines() or ["out of memory"])[0][:300]
+        traceback.clear_frames(tb)
+        release_memory()
+        raise AnyV2VOutOfMemory(f"out of memory during {self.stage} ({detail}). {OUT_OF_MEMORY_ADVICE}") from None

@@ -15,12 +15,16 @@ is dropped from the batch; it no longer influences anything, so the result is un
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backbones.base import Backbone
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected
 from .inversion import Inversion, Progress, start_timestep
+from .memory import guard_out_of_memory
+from .video import check_frames
 from .windows import predict_in_windows
 
 SAMPLERS = ("ddim", "ddpm")
@@ -29,12 +33,31 @@ SAMPLERS = ("ddim", "ddpm")
 def check_sampling_settings(steps: int, cfg: float, start_index: int) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise AnyV2VError(f"sampling steps must be an integer >= 1 (got {steps!r})")
-    if not 0 <= start_index < steps:
-        raise AnyV2VError(f"start index must be in 0..{steps - 1} for {steps} steps (got {start_index}); 0 is the paper's value")
-    if not cfg > 0:
-        raise AnyV2VError(f"cfg must be positive (got {cfg}); the paper uses 9.0 for I2VGen-XL")
+    if not isinstance(start_index, int) or not 0 <= start_index < steps:
+        raise AnyV2VError(f"start index must be in 0..{steps - 1} for {steps} steps (got {start_index!r}); 0 is the paper's value")
+    if not isinstance(cfg, (int, float)) or not 0 < cfg < math.inf:
+        raise AnyV2VError(f"cfg must be a positive number (got {cfg!r}); the paper uses 9.0 for I2VGen-XL")
 
 
+def check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise AnyV2VError(f"seed must be an integer in 0..2**64-1 (got {seed!r})")
+
+
+def check_edited_first_frame(image: torch.Tensor, inversion: Inversion) -> torch.Tensor:
+    """The edited first frame [1, H, W, 3] validated against the inversion's working size."""
+    image = check_frames(image, "edited first frame")
+    size_wh = (int(image.shape[2]), int(image.shape[1]))
+    if image.shape[0] != 1 or size_wh != inversion.size_wh:
+        raise AnyV2VError(
+            f"the edited first frame must be one image at the inversion's working size {inversion.size_wh[0]}x"
+            f"{inversion.size_wh[1]}, got {image.shape[0]} image(s) of {size_wh[0]}x{size_wh[1]}; "
+            "resize it with video.prepare_first_frame(image, size_wh=inversion.size_wh)"
+        )
+    return image
+
+
+@guard_out_of_memory("sampling")
 def sample_edit(
     backbone: Backbone,
     inversion: Inversion,
@@ -63,6 +86,8 @@ def sample_edit(
     """
     steps = inversion.sampling_steps
     check_sampling_settings(steps, cfg, start_index)
+    check_seed(seed)
+    edited_first_frame = check_edited_first_frame(edited_first_frame, inversion)
     sampler = sampler or backbone.sampler
     if sampler not in SAMPLERS:
         raise AnyV2VError(f"sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
