@@ -136,7 +136,9 @@ def train_vae(vae, args, log) -> dict:
         pixels = frames[torch.arange(args.vae_batch), pick].permute(0, 3, 1, 2) * 2 - 1  # [B, 3, H, W]
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + args.kl_weight * posterior.kl().mean()
+        # KL summed over a sample's latents, per pixel value like the reconstruction terms
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + args.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--kl-weight", type=float, default=1e-4)
+    parser.add_argument("--kl-weight", type=float, default=1e-5)
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
