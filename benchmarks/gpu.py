@@ -18,6 +18,8 @@ A row that runs out of memory prints OOM (one the engine refuses, refused) and t
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import sys
@@ -76,11 +78,13 @@ def build_backbone(config: dict, device: torch.device, dtype: torch.dtype, scrat
 
 class Meter:
     """Time and peak memory of one phase: the CUDA allocator's peak on a GPU; on the CPU, how far
-    the process's resident set rose above its level at the phase's start (indicative only: the C
-    allocator reuses memory it freed before without the resident set showing it)."""
+    the process's resident set rose above its level at the phase's start, after the C allocator
+    handed its free memory back to the system (else a phase reusing memory a larger earlier phase
+    freed would show no rise; indicative only, and glibc only)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.libc = None if self.cuda else ctypes.CDLL(ctypes.util.find_library("c"))
 
     def sync(self) -> None:
         if self.cuda:
@@ -95,6 +99,8 @@ class Meter:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
+            gc.collect()
+            self.libc.malloc_trim(0)
             reset_peak_rss()
             start_rss = peak_rss_mib() / 1024
         start = time.perf_counter()
