@@ -1,7 +1,8 @@
 """Command line: `python -m anyv2v_core edit | convert | demo`.
 
 On bad input the CLI prints one line, "error: <what is wrong and how to fix it>", and exits with
-status 2, without a traceback. Every check that needs no model runs before the model loads.
+status 2 (3 when the accelerator ran out of memory), without a traceback. Every check that needs
+no model runs before the model loads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AnyV2VError
+from .errors import AnyV2VError, AnyV2VOutOfMemory
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except AnyV2VError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except AnyV2VOutOfMemory as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -105,27 +105,38 @@ class FeatureInjector:
         return copy_source_rows
 
 
+def hook_target_names(plan: InjectionPlan) -> list[tuple[str, str]]:
+    """(kind, module name) of every module to hook: the convs, and to_q / to_k of the attentions."""
+    names = []
+    for kind in KINDS:
+        for name in plan.modules_of(kind):
+            names += [(kind, name)] if kind == "conv" else [(kind, f"{name}.to_q"), (kind, f"{name}.to_k")]
+    return names
+
+
+def missing_layers(unet: torch.nn.Module, layers: InjectionLayers) -> list[str]:
+    """The modules injection would hook at `layers` that `unet` does not have."""
+    modules = dict(unet.named_modules())
+    return [name for _, name in hook_target_names(InjectionPlan(layers=layers)) if name not in modules]
+
+
 def resolve_hook_targets(unet: torch.nn.Module, plan: InjectionPlan) -> list[tuple[str, torch.nn.Module]]:
     """(kind, module) pairs to hook; a clear error names any layer the model does not have."""
     modules = dict(unet.named_modules())
-    targets, missing = [], []
-    for kind in KINDS:
-        for name in plan.modules_of(kind):
-            if kind == "conv":
-                names = [name]
-            else:
-                names = [f"{name}.to_q", f"{name}.to_k"]
-            for target in names:
-                if target in modules:
-                    targets.append((kind, modules[target]))
-                else:
-                    missing.append(target)
+    names = hook_target_names(plan)
+    targets = [(kind, modules[name]) for kind, name in names if name in modules]
+    missing = [name for _, name in names if name not in modules]
     if missing:
         raise AnyV2VError(
             f"the model has no layer(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} targeted by "
             "feature injection; this UNet has another structure: pass injection layers that exist in it"
         )
     return targets
+
+
+def check_injection_layers(unet: torch.nn.Module, layers: InjectionLayers) -> None:
+    """Fail before any heavy work when `unet` lacks a layer that injection targets (the error names them)."""
+    resolve_hook_targets(unet, InjectionPlan(layers=layers))
 
 
 @contextmanager

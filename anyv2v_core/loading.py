@@ -49,15 +49,19 @@ CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "feature_extractor": "prep
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    device = torch.device(device)
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype not in DTYPES:
+    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    dtype = DTYPES.get(dtype, dtype)
+    if dtype not in DTYPES.values():
+        raise ModelLoadError(f"dtype {dtype} cannot run the model; use torch.float32, torch.float16 or torch.bfloat16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"this GPU ({torch.cuda.get_device_name(device)}) does not support bf16; use fp16 or auto")
+    return dtype
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
@@ -221,5 +225,19 @@ def load_backbone(
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
+    check_injection_targets(loaded, folder)
     loaded.set_offload(offload, device)
     return loaded
+
+
+def check_injection_targets(backbone: Backbone, folder: Path) -> None:
+    """Refuse a UNet built unlike its backbone's architecture: AnyV2V's injection layers must exist in it."""
+    from .injection import missing_layers
+
+    missing = missing_layers(backbone.unet, backbone.injection_layers)
+    if missing:
+        raise ModelLoadError(
+            f"the UNet in {folder} has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+            f"({len(missing)} of the layers AnyV2V injects {backbone.name} features into): its unet/config.json is "
+            f"not {backbone.name}'s architecture (up_block_types, layers_per_block); use the original model's config and weights"
+        )

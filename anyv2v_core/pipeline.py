@@ -6,15 +6,16 @@ one so ComfyUI can cache the inversion ("invert once, edit many").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import AnyV2VError
-from .injection import InjectionSettings
+from .injection import InjectionSettings, check_injection_layers
 from .inversion import Inversion, Progress, invert_video, start_timestep
-from .sampling import check_sampling_settings, sample_edit
+from .sampling import SAMPLERS, check_sampling_settings, sample_edit
 from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
 from .windows import ContextWindows
 
@@ -46,18 +47,24 @@ class EditSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise AnyV2VError(f"{name} must be an integer >= 1 (got {value!r})")
-        if self.cfg is not None and not self.cfg > 0:
-            raise AnyV2VError(f"cfg must be positive (got {self.cfg}); the paper uses 9.0 for I2VGen-XL")
+        if self.cfg is not None and (not isinstance(self.cfg, (int, float)) or not 0 < self.cfg < math.inf):
+            raise AnyV2VError(f"cfg must be positive and finite (got {self.cfg!r}); the paper uses 9.0 for I2VGen-XL")
         if self.start_index is not None and self.steps is not None:
             check_sampling_settings(self.steps, self.cfg or 1.0, self.start_index)
-        elif self.start_index is not None and self.start_index < 0:
-            raise AnyV2VError(f"start index must be >= 0 (got {self.start_index})")
+        elif self.start_index is not None and (not isinstance(self.start_index, int) or self.start_index < 0):
+            raise AnyV2VError(f"start index must be an integer >= 0 (got {self.start_index!r})")
         if self.size_wh is not None:
             check_size(self.size_wh)
         if self.resize not in RESIZE_POLICIES:
             raise AnyV2VError(f"resize policy {self.resize!r} is unknown; use one of {', '.join(RESIZE_POLICIES)}")
-        if self.decode_chunk_size < 1:
-            raise AnyV2VError(f"decode chunk size must be >= 1 (got {self.decode_chunk_size})")
+        if not isinstance(self.decode_chunk_size, int) or self.decode_chunk_size < 1:
+            raise AnyV2VError(f"decode chunk size must be an integer >= 1 (got {self.decode_chunk_size!r})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise AnyV2VError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.injection, InjectionSettings):
+            raise AnyV2VError(f"injection must be an InjectionSettings, got {type(self.injection).__name__}")
+        if self.windows is not None and not isinstance(self.windows, ContextWindows):
+            raise AnyV2VError(f"windows must be a ContextWindows or None, got {type(self.windows).__name__}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise AnyV2VError(f"seed must be in 0..2**64-1 (got {self.seed})")
 
@@ -99,9 +106,12 @@ def edit(
     """Edit a video: the appearance of `edited_first_frame` with the structure and motion of
     `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
     s = settings.resolved(backbone.defaults)
+    check_injection_layers(backbone.unet, s.injection.layers or backbone.injection_layers)
     frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
-    first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize)
-    total = s.inversion_steps + s.steps - s.start_index
+    first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize,
+                                      source_wh=(int(source_frames.shape[-2]), int(source_frames.shape[-3])))
+    sampling_done = s.inversion_steps + s.steps - s.start_index
+    total = sampling_done + frames.shape[0]  # inversion steps, sampling steps, decoded frames
     generator = torch.Generator(backbone.device).manual_seed(s.seed) if s.sample_posterior else None
 
     def phase(offset: int) -> Progress | None:
@@ -113,5 +123,5 @@ def edit(
                           injection=s.injection, cfg=s.cfg, start_index=s.start_index, sampler=s.sampler,
                           seed=s.seed, progress=phase(s.inversion_steps))
     start = inversion.latent_at(start_timestep(backbone, s.inversion_steps, s.steps, s.start_index))
-    return EditResult(frames=backbone.decode(latents, s.decode_chunk_size), latents=latents.cpu(),
-                      inverted_start=start, fps=s.fps, inversion=inversion)
+    decoded = backbone.decode(latents, s.decode_chunk_size, progress=phase(sampling_done))
+    return EditResult(frames=decoded, latents=latents.cpu(), inverted_start=start, fps=s.fps, inversion=inversion)

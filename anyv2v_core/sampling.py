@@ -36,7 +36,7 @@ def check_sampling_settings(steps: int, cfg: float, start_index: int) -> None:
     if not isinstance(start_index, int) or not 0 <= start_index < steps:
         raise AnyV2VError(f"start index must be in 0..{steps - 1} for {steps} steps (got {start_index!r}); 0 is the paper's value")
     if not isinstance(cfg, (int, float)) or not 0 < cfg < math.inf:
-        raise AnyV2VError(f"cfg must be a positive number (got {cfg!r}); the paper uses 9.0 for I2VGen-XL")
+        raise AnyV2VError(f"cfg must be positive and finite (got {cfg!r}); the paper uses 9.0 for I2VGen-XL")
 
 
 def check_seed(seed: int) -> None:

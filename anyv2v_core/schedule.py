@@ -54,8 +54,8 @@ class NoiseSchedule:
         )
 
     def step_ratio(self, num_steps: int) -> int:
-        if num_steps < 1:
-            raise AnyV2VError(f"the number of steps must be at least 1 (got {num_steps})")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise AnyV2VError(f"the number of steps must be an integer >= 1 (got {num_steps!r})")
         if num_steps > self.num_train_timesteps:
             raise AnyV2VError(
                 f"{num_steps} steps is more than the model's {self.num_train_timesteps} training timesteps; "

@@ -5,6 +5,8 @@ The engine's frame layout is ComfyUI's IMAGE layout: float32 [F, H, W, 3] in 0..
 
 from __future__ import annotations
 
+import logging
+import operator
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +17,17 @@ import torch.nn.functional as F
 
 from .errors import AnyV2VError
 
+logger = logging.getLogger("AnyV2V")
+
 RESIZE_POLICIES = ("stretch", "crop", "pad")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def check_size(size_wh: tuple[int, int], multiple: int = 8) -> tuple[int, int]:
-    width, height = (int(v) for v in size_wh)
+    try:
+        width, height = (operator.index(v) for v in size_wh)
+    except (TypeError, ValueError):
+        raise AnyV2VError(f"working size must be two integers (width, height), got {size_wh!r}") from None
     if width < multiple or height < multiple or width % multiple or height % multiple:
         raise AnyV2VError(
             f"working size {width}x{height} is not usable: width and height must be positive multiples of {multiple} "
@@ -33,12 +40,15 @@ def check_frames(frames: torch.Tensor, what: str = "frames", *, min_frames: int 
     """Validate an IMAGE batch [F, H, W, 3] float in 0..1 and return it as float32 on the CPU."""
     if not isinstance(frames, torch.Tensor):
         raise AnyV2VError(f"{what} must be a tensor [frames, height, width, 3], got {type(frames).__name__}")
+    shape = list(frames.shape)
     if frames.ndim == 3:
         frames = frames.unsqueeze(0)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         hint = " (channels first? use [frames, height, width, 3])" if frames.ndim == 4 and frames.shape[1] == 3 else ""
         hint = hint or (" (RGBA? drop the alpha channel)" if frames.ndim == 4 and frames.shape[-1] == 4 else "")
-        raise AnyV2VError(f"{what} must have the layout [frames, height, width, 3], got shape {list(frames.shape)}{hint}")
+        hint = hint or (" (grayscale? repeat it to 3 channels)" if len(shape) == 3 or shape[-1:] == [1] else "")
+        hint = hint or (" (a batch of videos? pass one video)" if len(shape) == 5 else "")
+        raise AnyV2VError(f"{what} must have the layout [frames, height, width, 3], got shape {shape}{hint}")
     if frames.shape[0] < min_frames:
         raise AnyV2VError(f"{what} has {frames.shape[0]} frame(s); at least {min_frames} are needed")
     frames = frames.detach().to("cpu", torch.float32)
@@ -107,12 +117,25 @@ def prepare_frames(
     return resize_frames(frames, size_wh, resize)
 
 
-def prepare_first_frame(image: torch.Tensor, *, size_wh: tuple[int, int], resize: str = "stretch") -> torch.Tensor:
-    """The edited first frame [1, H, W, 3] at the working size, resized with the source's policy."""
+def prepare_first_frame(image: torch.Tensor, *, size_wh: tuple[int, int], resize: str = "stretch",
+                        source_wh: tuple[int, int] | None = None) -> torch.Tensor:
+    """The edited first frame [1, H, W, 3] at the working size, resized with the source's policy.
+
+    A frame whose aspect ratio matches neither the working size nor the source's (`source_wh`, the
+    source video's original size) is still resized, with a warning: the policy then maps it
+    differently from the source frames, so the edit may not line up with the source's structure.
+    """
     image = check_frames(image, "edited first frame")
     if image.shape[0] != 1:
         raise AnyV2VError(f"the edited first frame must be one image, got a batch of {image.shape[0]}; pick one")
-    return resize_frames(image, check_size(size_wh), resize)
+    size_wh = check_size(size_wh)
+    image_wh = (int(image.shape[2]), int(image.shape[1]))
+    if all(abs(image_wh[0] * h / (image_wh[1] * w) - 1) > 0.02 for w, h in filter(None, (size_wh, source_wh))):
+        reference = f"the source's {source_wh[0]}x{source_wh[1]}" if source_wh else f"the working size {size_wh[0]}x{size_wh[1]}"
+        logger.warning("the edited first frame is %dx%d, another aspect ratio than %s; the %r resize policy will not "
+                       "map it like the source frames, so the edit may not line up: edit the first frame at the "
+                       "source's aspect ratio", image_wh[0], image_wh[1], reference, resize)
+    return resize_frames(image, size_wh, resize)
 
 
 # ---------------------------------------------------------------------------------------------- file I/O
@@ -153,7 +176,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+    except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise AnyV2VError(f"could not read image {path}: {error}") from None
     return torch.from_numpy(rgb.copy()).unsqueeze(0)
 
@@ -165,25 +188,36 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse to overwrite an existing file unless asked, and fail early on a missing/unwritable folder."""
     path = Path(path)
+    if path.is_dir():
+        raise AnyV2VError(f"{path} is a folder; give the output a file name (e.g. {path / 'edit.mp4'})")
     if path.exists() and not overwrite:
         raise AnyV2VError(f"{path} already exists; pass --overwrite (overwrite=True) or choose another output path")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise AnyV2VError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise AnyV2VError(f"output folder {folder} is not writable; choose another output path")
+    try:  # a real write: os.access says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise AnyV2VError(f"output folder {folder} is not writable ({error.strerror}); choose another output path") from None
     return path
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename, so a failure never leaves half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    """Write through a temp file in the same folder, then rename, so a failure never leaves half a
+    file and never touches an existing `path`. OSErrors (disk full, permissions) become AnyV2VError."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as error:
+        raise AnyV2VError(f"cannot write in {path.parent} ({error.strerror}); choose another output path") from None
     os.close(fd)
     try:
         write(tmp_name)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise AnyV2VError(f"could not write {path} ({error}); check the free disk space and permissions") from error
         raise
 
 

@@ -111,9 +111,9 @@ class Backbone(ABC):
         at one timestep, row b conditioned on rows[b]. Returns float32 [B, C, F, h, w]."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
         """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w],
-        decoding `chunk_size` frames at a time."""
+        decoding `chunk_size` frames at a time; `progress(frames done, frames)` may raise to cancel."""
 
     def source_row_for_edit(self, source: RowCondition, edit: RowCondition) -> RowCondition:
         """The source row's conditioning during injected sampling, from the inversion's source row

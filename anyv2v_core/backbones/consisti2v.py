@@ -206,10 +206,10 @@ class ConsistI2VBackbone(Backbone):
         output = self.unet(latents.to(device, dtype), timestep, text, first_frames, self.frame_stride)
         return output.to(torch.float32)
 
-    def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
         """Frames [F, H, W, 3] from the latents of the whole video [1, C, F, h, w]."""
         return decode_latents(self.vae, latents, scaling_factor=self.vae_scaling_factor, device=self.device,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, progress=progress)
 
 
 def read_scheduler_config(folder: Path) -> dict:

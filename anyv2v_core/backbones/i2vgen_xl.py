@@ -23,6 +23,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
+from .vae_frames import decode_latents
 
 NEGATIVE_PROMPT = (
     "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
@@ -183,12 +184,6 @@ class I2VGenXLBackbone(Backbone):
                            image_embeddings=image_embeddings, encoder_hidden_states=text, return_dict=False)[0]
         return output.to(torch.float32)
 
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
-        frames_latents = latents[0].permute(1, 0, 2, 3) / self.vae_scaling_factor  # [F, C, h, w]
-        frames = []
-        for start in range(0, frames_latents.shape[0], max(1, chunk_size)):
-            chunk = frames_latents[start : start + chunk_size].to(self.device, self.vae.dtype)
-            pixels = self.vae.decode(chunk, return_dict=False)[0]
-            frames.append(((pixels.to(torch.float32) / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu())
-        return torch.cat(frames)
+    def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
+        return decode_latents(self.vae, latents, scaling_factor=self.vae_scaling_factor, device=self.device,
+                              chunk_size=chunk_size, progress=progress)

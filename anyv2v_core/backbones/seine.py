@@ -128,9 +128,9 @@ class SeineBackbone(Backbone):
         output = self.unet(sample.to(device, dtype), int(timestep), text.to(device, dtype))
         return output.to(torch.float32)
 
-    def decode(self, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
         return decode_latents(self.vae, latents, scaling_factor=self.vae_scaling_factor, device=self.device,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- loading

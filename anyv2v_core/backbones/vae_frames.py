@@ -6,7 +6,11 @@ the SD VAE; going one frame (or chunk) at a time keeps the VAE's peak memory ind
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from ..memory import guard_out_of_memory
 
 
 @torch.inference_mode()
@@ -25,10 +29,13 @@ def encode_frames(vae, frames: torch.Tensor, *, scaling_factor: float, device: t
     return torch.stack(latents, dim=2)
 
 
+@guard_out_of_memory("decoding")
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor, *, scaling_factor: float, device: torch.device,
-                   chunk_size: int = 1) -> torch.Tensor:
-    """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w], `chunk_size` frames at a time."""
+                   chunk_size: int = 1, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w], `chunk_size` frames at a time.
+
+    `progress(frames done, frames)` is called after each chunk; it may raise to cancel."""
     frames_latents = latents[0].permute(1, 0, 2, 3) / scaling_factor  # [F, C, h, w]
     chunk_size = max(1, int(chunk_size))
     frames = []
@@ -36,4 +43,6 @@ def decode_latents(vae, latents: torch.Tensor, *, scaling_factor: float, device:
         chunk = frames_latents[start : start + chunk_size].to(device, vae.dtype)
         pixels = vae.decode(chunk, return_dict=False)[0]
         frames.append((pixels.to(torch.float32) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        if progress is not None:
+            progress(start + chunk.shape[0], frames_latents.shape[0])
     return torch.cat(frames)
