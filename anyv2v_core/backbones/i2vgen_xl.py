@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
-from .vae_frames import decode_latents
+from .vae_frames import decode_latents, encode_frames
 
 NEGATIVE_PROMPT = (
     "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
@@ -163,19 +163,13 @@ class I2VGenXLBackbone(Backbone):
 
     # ------------------------------------------------------------------------------------------ networks
 
-    @torch.inference_mode()
     def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = []
-        for frame in frames:  # one frame at a time keeps the VAE's peak memory flat in F
-            pixels = (frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(self.device, self.vae.dtype)
-            posterior = self.vae.encode(pixels).latent_dist
-            latent = posterior.mean if generator is None else posterior.sample(generator)
-            latents.append(latent.to(torch.float32) * self.vae_scaling_factor)
-        return torch.stack(latents, dim=2)  # [1, C, F, h, w]
+        return encode_frames(self.vae, frames, scaling_factor=self.vae_scaling_factor, device=self.device,
+                             generator=generator)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[I2VGenXLRow]) -> torch.Tensor:
-        device, dtype = self.device, self.unet.dtype
+        device, dtype = self.device, self.dtype  # not unet.dtype: diffusers walks every submodule to answer it
         text = torch.cat([row.text_embeddings for row in rows]).to(device, dtype)
         image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device, dtype)
         image_latents = torch.cat([row.image_latents for row in rows]).to(device, dtype)
