@@ -77,7 +77,7 @@ def resolve_model_folder(name: str, hint: str) -> str:
     if not name or name == NO_MODEL:
         raise ValueError(f"no model is in ComfyUI's diffusers folders; {hint}")
     parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or ".." in parts:
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts:  # C:x on Windows drops the root
         raise ValueError(f"model {name!r} must be a folder inside ComfyUI's diffusers model folders, not a path out of them")
     roots = diffusers_roots()
     for root in roots:

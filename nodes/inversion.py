@@ -26,6 +26,7 @@ class SourceInversion:
 
     inversion: object  # anyv2v_core.inversion.Inversion
     resize: str
+    source_wh: tuple[int, int] | None = None  # the source frames' size before resizing (for the aspect-ratio warning)
 
 
 def size_inputs(default: int = 512) -> dict:
@@ -160,7 +161,8 @@ class DDIMInvertVideo:
                                      fps=fps, windows=context_windows(window_length, window_overlap),
                                      progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)
-        return (SourceInversion(inversion=inversion, resize=resize),)
+        source_wh = (int(source_frames.shape[2]), int(source_frames.shape[1]))
+        return (SourceInversion(inversion=inversion, resize=resize, source_wh=source_wh),)
 
 
 NODE_CLASS_MAPPINGS = {"DDIMInvertVideo": DDIMInvertVideo}

@@ -66,14 +66,15 @@ class InjectedSampler:
         from anyv2v_core.video import prepare_first_frame
 
         inversion = features.source.inversion
-        first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize)
+        first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
+                                          source_wh=features.source.source_wh)
         with host.on_compute_device(backbone) as model:
             latents = sample_edit(model, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
                                   injection=features.injection_for(model), cfg=cfg, start_index=features.start_index,
                                   sampler=None if sampler == "auto" else sampler, seed=ddpm_seed,
                                   progress=host.progress_bar(inversion.sampling_steps - features.start_index))
             host.check_interrupted()
-            frames = model.decode(latents, decode_chunk_size)
+            frames = model.decode(latents, decode_chunk_size, progress=host.progress_bar(latents.shape[2]))
         return (frames, float(inversion.fps))
 
 
