@@ -511,5 +511,17 @@ def test_node_paths_never_leave_the_model_folders(pack, tiny_model_dir, tmp_path
     assert host.resolve_model_folder("inside", "hint") == str(roots / "inside")
 
 
+@pytest.mark.parametrize("name", ["C:evil", "C:\\Windows\\System32", "\\\\server\\share\\model"])
+def test_windows_drive_paths_never_leave_the_model_folders(pack, monkeypatch, name):
+    """On Windows, joining "C:x" onto a root drops the root; such names are refused like "../"."""
+    import ntpath
+    import os
+
+    host = sys.modules["anyv2v_pack.nodes.host"]
+    monkeypatch.setattr(os, "path", ntpath)
+    with pytest.raises(ValueError, match="not a path out of them"):
+        host.resolve_model_folder(name, "hint")
+
+
 BAD_INPUT_COUNT = (len(FRAME_CASES) + len(SETTING_CASES) + len(MODEL_CASES) + len(OTHER_MODEL_CASES)
-                   + len(FILE_CASES) + len(NODE_CASES) + 4)  # + aspect ratio, long clip warning, dtypes, CLI
+                   + len(FILE_CASES) + len(NODE_CASES) + 7)  # + aspect ratio, long clip warning, dtypes, CLI, 3 drive paths

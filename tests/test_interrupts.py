@@ -221,3 +221,39 @@ def test_cli_reports_out_of_memory_in_one_line(tiny_model_dir, tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 3 and err[-1].startswith("error: out of memory during inversion") and "--offload" in err[-1]
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_comfyui_cancel_during_the_sampler_nodes_decoding(tiny_backbone, reference, monkeypatch):
+    """InjectedSampler checks ComfyUI's interrupt flag at every sampling step, before decoding and
+    after every decoded chunk; a cancel while decoding leaves the model clean, the rerun identical."""
+    import sys
+
+    from test_nodes import load_pack
+
+    load_pack()
+    host, nodes = sys.modules["anyv2v_pack.nodes.host"], sys.modules["anyv2v_pack.nodes"]
+    inversion, latents, frames = reference
+    handle = nodes.loaders.BackboneHandle(backbone=tiny_backbone, offload="none", keep_loaded=True, source="tiny")
+    source = nodes.inversion.SourceInversion(inversion=inversion, resize="stretch", source_wh=(32, 32))
+    features = nodes.injection.FeaturePlan(source=source, injection=SETTINGS.injection, start_index=0, layer_overrides={})
+    checks = []
+
+    def interrupt_while_decoding(limit):
+        def check_interrupted():
+            checks.append(1)
+            if len(checks) == limit:
+                raise Cancelled(limit)
+        return check_interrupted
+
+    def run():
+        return nodes.sampling.InjectedSampler().sample(handle, features, EDITED, "a square", "", 5.0, 1, "auto", 0)
+
+    clean = hook_state(tiny_backbone)
+    decode_check = STEPS + 1 + RNG.randint(1, FRAMES)  # sampling steps, the check before decoding, a decoded frame
+    monkeypatch.setattr(host, "check_interrupted", interrupt_while_decoding(decode_check))
+    with pytest.raises(Cancelled):
+        run()
+    assert hook_state(tiny_backbone) == clean
+    checks.clear()
+    monkeypatch.setattr(host, "check_interrupted", interrupt_while_decoding(0))
+    assert torch.equal(run()[0], frames) and len(checks) == STEPS + 1 + FRAMES
