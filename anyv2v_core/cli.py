@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write final latents and the inverted start latent (.safetensors)")
     edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    demo = commands.add_parser("demo", help="offline demo: a real edit on the shipped toy backbone (CPU, seconds)")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for source.mp4, edited.mp4, strip.png")
+    demo.add_argument("--seed", type=int, default=0, help="which held-out toy clip to edit")
+    demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
     convert = commands.add_parser("convert", help="convert a pickle checkpoint (e.g. seine.pt) to safetensors, once")
     convert.add_argument("src", type=Path, help="the pickle checkpoint (.pt/.pth/.ckpt/.bin)")
     convert.add_argument("dst", type=Path, help="the .safetensors file to write (e.g. seine.safetensors beside it)")
@@ -78,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the entry holding the state dict (default: 'ema' for SEINE checkpoints, else the whole file)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .toy.demo import run_demo as demo
+
+    started = time.perf_counter()
+    result = demo(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f'edited "{result.prompt}" in {time.perf_counter() - started:.1f} s: ' + ", ".join(map(str, result.files)))
+    print(f"shape centroid error {result.scores.centroid_error:.2f} px, colour error {result.scores.colour_error:.3f}")
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -149,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             run_edit(args)
         elif args.command == "convert":
             run_convert(args)
+        elif args.command == "demo":
+            run_demo(args)
     except AnyV2VError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
