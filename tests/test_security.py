@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -87,6 +88,7 @@ def test_a_local_folder_loads_and_edits_without_network(tiny_model_dir, no_netwo
     from anyv2v_core.pipeline import EditSettings, edit
     from anyv2v_core.tiny_models import moving_square_video
 
+    torch.set_num_threads(1)  # the machine is shared: more threads only contend
     backbone = load_backbone(tiny_model_dir)
     frames = moving_square_video(3, 32)
     edit(backbone, frames, frames[:1], prompt="a", settings=EditSettings(size_wh=(32, 32), inversion_steps=2, steps=2))
