@@ -111,6 +111,11 @@ OUT_OF_MEMORY_ADVICE = (
 )
 
 
+class OutOfMemory(AnyV2VOutOfMemory, torch.OutOfMemoryError):
+    """The error `guard_out_of_memory` raises: an AnyV2VOutOfMemory that hosts also recognise as
+    torch's (ComfyUI then unloads its own models too); errors.py stays free of torch."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA, XPU), or a RuntimeError saying so (MPS and other backends)."""
     if isinstance(error, AnyV2VOutOfMemory):
@@ -147,4 +152,4 @@ class guard_out_of_memory(ContextDecorator):
         detail = (str(error).strip().splitlines() or ["out of memory"])[0][:300]
         traceback.clear_frames(tb)
         release_memory()
-        raise AnyV2VOutOfMemory(f"out of memory during {self.stage} ({detail}). {OUT_OF_MEMORY_ADVICE}") from None
+        raise OutOfMemory(f"out of memory during {self.stage} ({detail}). {OUT_OF_MEMORY_ADVICE}") from None
