@@ -54,19 +54,6 @@ class Inversion:
         return self.latents[timestep]
 
 
-def check_inversion_steps(backbone: Backbone, inversion_steps: int, sampling_steps: int) -> None:
-    """Every sampling timestep must be an inversion target, else the source branch has no latent there."""
-    schedule = backbone.schedule
-    missing = sorted(set(schedule.timesteps(sampling_steps)) - set(schedule.inversion_timesteps(inversion_steps)))
-    if missing:
-        valid = [n for n in range(sampling_steps, schedule.num_train_timesteps + 1, sampling_steps)
-                 if not set(schedule.timesteps(sampling_steps)) - set(schedule.inversion_timesteps(n))]
-        raise AnyV2VError(
-            f"{inversion_steps} inversion steps do not reach sampling timestep(s) {missing[:3]} of "
-            f"{sampling_steps} sampling steps; use an inversion step count among {valid[:6]}"
-        )
-
-
 def start_timestep(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0) -> int:
     """Timestep of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
     first = backbone.schedule.timesteps(sampling_steps)[start_index]
@@ -96,7 +83,7 @@ def invert_video(
     """
     if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
         raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
-    check_inversion_steps(backbone, inversion_steps, sampling_steps)
+    backbone.schedule.check_inversion_steps(inversion_steps, sampling_steps)
     frames = check_frames(frames, "source frames", min_frames=2)
     check_size((frames.shape[2], frames.shape[1]))
     check_frame_count(backbone, int(frames.shape[0]), windows)

@@ -16,6 +16,7 @@ from .errors import AnyV2VError
 from .injection import InjectionSettings, check_injection_layers
 from .inversion import Inversion, Progress, invert_video, start_timestep
 from .sampling import SAMPLERS, check_sampling_settings, sample_edit
+from .schedule import TimestepSpacing
 from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
 from .windows import ContextWindows
 
@@ -82,6 +83,8 @@ class EditSettings:
             start_index=d.start_index if self.start_index is None else self.start_index,
         )
         check_sampling_settings(settings.steps, settings.cfg, settings.start_index)
+        # every supported backbone spaces 1000 timesteps alike: checkable before the model loads
+        TimestepSpacing().check_inversion_steps(settings.inversion_steps, settings.steps)
         return settings
 
 

@@ -15,43 +15,12 @@ from .errors import AnyV2VError
 
 
 @dataclass(frozen=True)
-class NoiseSchedule:
-    """alphas_cumprod of a diffusion model plus how its timesteps are spaced.
+class TimestepSpacing:
+    """Which timesteps a number of steps visits ("leading" spacing plus an offset). Every supported
+    backbone has 1000 training timesteps and offset 1, so settings can be checked before loading."""
 
-    Built from a diffusers scheduler config (`from_scheduler_config`) so zero-terminal-SNR
-    rescaling and beta schedules are computed exactly as the model was trained.
-    """
-
-    alphas_cumprod: torch.Tensor  # [num_train_timesteps] float32
-    prediction_type: str  # "epsilon" or "v_prediction"
-    steps_offset: int
-    # alpha used where a step runs past t=0: 1.0 with set_alpha_to_one, else alphas_cumprod[0]
-    boundary_alpha_cumprod: float
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
-
-    @classmethod
-    def from_scheduler_config(cls, config: dict, **overrides) -> "NoiseSchedule":
-        from diffusers import DDIMScheduler
-
-        config = {**dict(config), **overrides}
-        prediction_type = config.get("prediction_type", "epsilon")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise AnyV2VError(
-                f"scheduler prediction_type {prediction_type!r} is not supported; "
-                "use a model whose scheduler predicts 'epsilon' or 'v_prediction'"
-            )
-        scheduler = DDIMScheduler.from_config(config)
-        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32).clone()
-        set_alpha_to_one = bool(config.get("set_alpha_to_one", True))
-        return cls(
-            alphas_cumprod=alphas_cumprod,
-            prediction_type=prediction_type,
-            steps_offset=int(config.get("steps_offset", 0)),
-            boundary_alpha_cumprod=1.0 if set_alpha_to_one else float(alphas_cumprod[0]),
-        )
+    num_train_timesteps: int = 1000
+    steps_offset: int = 1
 
     def step_ratio(self, num_steps: int) -> int:
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -71,6 +40,53 @@ class NoiseSchedule:
     def inversion_timesteps(self, num_steps: int) -> list[int]:
         """Inversion targets, ascending (1, 11, ..., 991 for 100 steps)."""
         return list(reversed(self.timesteps(num_steps)))
+
+    def check_inversion_steps(self, inversion_steps: int, sampling_steps: int) -> None:
+        """Every sampling timestep must be an inversion target, else the source branch has no latent there."""
+        missing = sorted(set(self.timesteps(sampling_steps)) - set(self.inversion_timesteps(inversion_steps)))
+        if missing:
+            valid = [n for n in range(sampling_steps, self.num_train_timesteps + 1, sampling_steps)
+                     if not set(self.timesteps(sampling_steps)) - set(self.inversion_timesteps(n))]
+            raise AnyV2VError(
+                f"{inversion_steps} inversion steps do not reach sampling timestep(s) {missing[:3]} of "
+                f"{sampling_steps} sampling steps; use an inversion step count among {valid[:6]}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseSchedule(TimestepSpacing):
+    """alphas_cumprod of a diffusion model plus how its timesteps are spaced.
+
+    Built from a diffusers scheduler config (`from_scheduler_config`) so zero-terminal-SNR
+    rescaling and beta schedules are computed exactly as the model was trained.
+    """
+
+    alphas_cumprod: torch.Tensor  # [num_train_timesteps] float32
+    prediction_type: str  # "epsilon" or "v_prediction"
+    # alpha used where a step runs past t=0: 1.0 with set_alpha_to_one, else alphas_cumprod[0]
+    boundary_alpha_cumprod: float
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, **overrides) -> "NoiseSchedule":
+        from diffusers import DDIMScheduler
+
+        config = {**dict(config), **overrides}
+        prediction_type = config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise AnyV2VError(
+                f"scheduler prediction_type {prediction_type!r} is not supported; "
+                "use a model whose scheduler predicts 'epsilon' or 'v_prediction'"
+            )
+        scheduler = DDIMScheduler.from_config(config)
+        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32).clone()
+        set_alpha_to_one = bool(config.get("set_alpha_to_one", True))
+        return cls(
+            num_train_timesteps=int(alphas_cumprod.shape[0]),
+            alphas_cumprod=alphas_cumprod,
+            prediction_type=prediction_type,
+            steps_offset=int(config.get("steps_offset", 0)),
+            boundary_alpha_cumprod=1.0 if set_alpha_to_one else float(alphas_cumprod[0]),
+        )
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.boundary_alpha_cumprod

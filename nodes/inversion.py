@@ -55,23 +55,16 @@ def check_working_size(width, height) -> str | None:
 def check_steps(inversion_steps, sampling_steps) -> str | None:
     """The engine's rule (every sampling timestep must be an inversion target) on the 1000-step
     schedule all supported backbones share; the engine checks it again against the real model."""
-    from types import SimpleNamespace
-
-    import torch
-
     from anyv2v_core.errors import AnyV2VError
-    from anyv2v_core.inversion import check_inversion_steps
-    from anyv2v_core.schedule import NoiseSchedule
+    from anyv2v_core.schedule import TimestepSpacing
 
     if inversion_steps is None or sampling_steps is None:
         return None
     for name, value in (("inversion_steps", inversion_steps), ("sampling_steps", sampling_steps)):
         if not 1 <= value <= DEFAULT_NUM_TRAIN_TIMESTEPS:
             return f"{name} must be between 1 and {DEFAULT_NUM_TRAIN_TIMESTEPS} (got {value})"
-    schedule = NoiseSchedule(alphas_cumprod=torch.zeros(DEFAULT_NUM_TRAIN_TIMESTEPS), prediction_type="epsilon",
-                             steps_offset=1, boundary_alpha_cumprod=1.0)
     try:
-        check_inversion_steps(SimpleNamespace(schedule=schedule), inversion_steps, sampling_steps)
+        TimestepSpacing(DEFAULT_NUM_TRAIN_TIMESTEPS).check_inversion_steps(inversion_steps, sampling_steps)
     except AnyV2VError as error:
         return str(error)
     return None

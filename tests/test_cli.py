@@ -37,7 +37,8 @@ def model_must_not_load(monkeypatch):
         (["--size", "500x512"], "multiples of 8"),
         (["--steps", "0"], "steps must be"),
         (["--start-index", "50"], "start index"),
-        (["--cfg", "0"], "cfg must be positive"),
+        (["--cfg", "0"], "cfg must be"),
+        (["--inversion-steps", "30", "--steps", "50"], "inversion steps do not reach"),
     ],
 )
 def test_bad_settings_fail_before_loading(inputs, tiny_model_dir, capsys, model_must_not_load, extra, message):

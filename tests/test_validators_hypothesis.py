@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import InjectionSettings
-from anyv2v_core.inversion import check_inversion_steps
 from anyv2v_core.pipeline import EditSettings
 from anyv2v_core.sampling import check_sampling_settings
 from anyv2v_core.schedule import NoiseSchedule
@@ -96,7 +95,7 @@ def inversion_reaches_sampling(inversion_steps: int, sampling_steps: int) -> boo
 def test_check_inversion_steps(inversion_steps, sampling_steps):
     in_range = all(is_int(n) and 1 <= n <= TRAIN_STEPS for n in (inversion_steps, sampling_steps))
     valid = in_range and inversion_reaches_sampling(inversion_steps, sampling_steps)
-    check(lambda: check_inversion_steps(SimpleNamespace(schedule=SCHEDULE), inversion_steps, sampling_steps), valid)
+    check(lambda: SCHEDULE.check_inversion_steps(inversion_steps, sampling_steps), valid)
 
 
 @pytest.mark.parametrize("inversion_steps, sampling_steps, valid",
@@ -104,7 +103,7 @@ def test_check_inversion_steps(inversion_steps, sampling_steps):
 def test_check_inversion_steps_examples(inversion_steps, sampling_steps, valid):
     """Anchors for the rule above, with the paper's settings among them."""
     assert inversion_reaches_sampling(inversion_steps, sampling_steps) == valid
-    check(lambda: check_inversion_steps(SimpleNamespace(schedule=SCHEDULE), inversion_steps, sampling_steps), valid)
+    check(lambda: SCHEDULE.check_inversion_steps(inversion_steps, sampling_steps), valid)
 
 
 # ---------------------------------------------------------------------------------------------- check_size
