@@ -17,7 +17,9 @@ Conditioning dropout teaches the rows AnyV2V uses: 10% of samples get the empty 
 inversion/source row), 10% get the unconditional row of classifier-free guidance (zero image
 embedding with the empty or the negative prompt). The saved UNet is an exponential moving
 average of the trained weights. Checkpoints (complete, loadable folders) are written every
-`--checkpoint-every` steps, so an interrupted run is still usable.
+`--checkpoint-every` steps, so an interrupted run is still usable. `--resume-from-step N`
+continues training the UNet of the folder at `--out` (whose run ended after N UNet steps) on
+clips it has not seen, and appends its record to TRAINING.md.
 """
 
 from __future__ import annotations
@@ -87,6 +89,18 @@ def build_networks(seed: int):
     ))
     for frozen in (text_encoder, image_encoder):
         frozen.eval().requires_grad_(False)
+    return unet, vae, text_encoder, image_encoder
+
+
+def load_networks(folder: Path):
+    """(unet, vae, text_encoder, image_encoder) of a folder written by `save_folder`, to train further."""
+    from diffusers import AutoencoderKL, I2VGenXLUNet
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    unet = I2VGenXLUNet.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").eval().requires_grad_(False)
     return unet, vae, text_encoder, image_encoder
 
 
@@ -190,13 +204,14 @@ def train_unet(unet, backbone: I2VGenXLBackbone, args, log, save) -> dict:
     warmup = min(100, args.unet_steps // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.unet_steps)))))
-    generator = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed + 1)
+    first_step = args.resume_from_step  # data and noise continue where an earlier run stopped
+    generator = torch.Generator().manual_seed(args.seed + first_step)
+    rng = np.random.default_rng(args.seed + 1 + first_step)
     # dropout is 0 everywhere in this UNet and it has no batch norm: eval mode is the same math, faster
     unet.eval()
     losses, start = [], time.time()
     for step in range(args.unet_steps):
-        first_seed = args.seed * 10_000_000 + 5_000_000 + step * args.batch
+        first_seed = args.seed * 10_000_000 + 5_000_000 + (first_step + step) * args.batch
         frames, captions = clip_batch(first_seed, args.batch, args.frames)  # [B, F, H, W, 3]
         with torch.no_grad():
             pixels = frames.flatten(0, 1).permute(0, 3, 1, 2) * 2 - 1
@@ -248,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume-from-step", type=int, default=0,
+                        help="continue the UNet in --out, trained for this many steps (the VAE is kept)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -256,10 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{(time.time() - started) / 60:6.1f} min] {message}", flush=True)
 
-    unet, vae, text_encoder, image_encoder = build_networks(args.seed)
-    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
-        f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params")
-    stats = train_vae(vae, args, log)
+    if args.resume_from_step:
+        unet, vae, text_encoder, image_encoder = load_networks(args.out)
+        stats = {}
+    else:
+        unet, vae, text_encoder, image_encoder = build_networks(args.seed)
+        log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+            f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params")
+        stats = train_vae(vae, args, log)
     vae_minutes = (time.time() - started) / 60
     backbone = I2VGenXLBackbone(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(args.out), image_encoder=image_encoder,
@@ -288,28 +309,41 @@ def _tokenizer(out: Path):
 
 
 def write_training_note(args, stats: dict, vae_minutes: float, minutes: float) -> None:
+    """Record the run in TRAINING.md beside the weights; a resumed run appends its own section."""
     import diffusers
     import transformers
 
     command = "python -m anyv2v_core.toy.train " + " ".join(sys.argv[1:])
-    lines = [
-        "# How these weights were trained",
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    first = args.resume_from_step
+    section = [
         "",
-        f"- command: `{command}`",
-        f"- seed: {args.seed}; clips from `anyv2v_core/toy/world.py`, {args.frames} frames, 64x64, fps {FPS}",
-        f"- settings: {json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})}",
-        f"- wall time: {minutes:.1f} min in total ({vae_minutes:.1f} min VAE), {args.threads} threads "
-        f"on a shared 2-core CPU",
-        f"- VAE: final loss {stats['vae_final_loss']:.5f}, held-out reconstruction PSNR "
-        f"{stats['vae_psnr_db']:.2f} dB, scaling_factor {stats['scaling_factor']}",
+        f"## UNet steps {first} to {first + stats['unet_steps']}" + ("" if first else " (from scratch, VAE included)"),
+        "",
+        f"- command: `OMP_WAIT_POLICY=PASSIVE {command}`",
+        f"- settings: {json.dumps(settings)}",
+        f"- wall time: {minutes:.1f} min" + (f" ({vae_minutes:.1f} min VAE)" if not first else "")
+        + f", {args.threads} threads on a 2-core CPU shared with other jobs (load average at the end: "
+        f"{os.getloadavg()[0]:.1f})",
+    ]
+    if not first:
+        section.append(f"- VAE: final loss {stats['vae_final_loss']:.5f}, held-out reconstruction PSNR "
+                       f"{stats['vae_psnr_db']:.2f} dB, scaling_factor {stats['scaling_factor']}")
+    section += [
         f"- UNet: {stats['unet_steps']} steps x batch {args.batch}; v-prediction MSE "
         f"{stats['unet_loss_first_100']:.4f} (first 100 steps) -> {stats['unet_final_loss']:.4f} (last 100)",
         f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}",
+    ]
+    note = args.out / "TRAINING.md"
+    header = [
+        "# How these weights were trained",
         "",
+        f"Seed {args.seed}; clips from `anyv2v_core/toy/world.py`, {args.frames} frames, 64x64, fps {FPS}. "
         "See the docstring of `anyv2v_core/toy/train.py` for the objective and the conditioning.",
     ]
-    (args.out / "TRAINING.md").write_text("\n".join(lines) + "\n")
+    previous = note.read_text().rstrip("\n").split("\n") if first and note.exists() else header
+    note.write_text("\n".join(previous + section) + "\n")
 
 
 if __name__ == "__main__":
