@@ -64,8 +64,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return dtype
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local folder, or a Hugging Face repo id downloaded (safetensors and configs only)."""
+def resolve_source(source: str | os.PathLike, *, fp16_weights_only: bool = False) -> Path:
+    """A local folder, or a Hugging Face repo id downloaded (safetensors and configs only).
+
+    `fp16_weights_only` downloads just the `*.fp16.safetensors` weights where the repo has them
+    (I2VGen-XL: 5 GB instead of 15 GB with its fp32 copies); repos without them download whole.
+    """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -77,11 +81,15 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelLoadError(f"{text} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it; "
                              "download it once (huggingface-cli download) and pass the folder")
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
 
-    logger.info("downloading %s from the Hugging Face Hub (safetensors and configs only)", text)
+    configs = ["*.json", "*.txt", "*.model"]
     try:
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+        weights = ["*.safetensors"]
+        if fp16_weights_only and any(f.endswith(".fp16.safetensors") for f in huggingface_hub.list_repo_files(text)):
+            weights = ["*.fp16.safetensors"]
+        logger.info("downloading %s (%s and configs) from the Hugging Face Hub", text, weights[0])
+        return Path(huggingface_hub.snapshot_download(text, allow_patterns=configs + weights))
     except Exception as error:  # the hub raises many types; the user needs one message
         raise ModelLoadError(f"could not download {text}: {error}") from None
 
@@ -195,7 +203,8 @@ def load_backbone(
     torch_dtype = resolve_dtype(dtype, device)
     if offload not in OFFLOAD_POLICIES:
         raise ModelLoadError(f"offload policy {offload!r} is unknown; use one of {', '.join(OFFLOAD_POLICIES)}")
-    folder = resolve_source(source)
+    wants_fp16_files = variant == "fp16" or (variant == "auto" and torch_dtype.itemsize == 2)
+    folder = resolve_source(source, fp16_weights_only=wants_fp16_files)
     name = detect_backbone(folder) if backbone == "auto" else backbone
     if name not in BACKBONES:
         raise ModelLoadError(f"backbone {name!r} is not supported; use one of: {', '.join(BACKBONES)}")

@@ -105,7 +105,13 @@ def test_the_node_loader_on_a_listed_folder_uses_no_network(tiny_model_dir, no_n
     assert handle.backbone.name == "i2vgen-xl"
 
 
-def test_a_repo_id_downloads_safetensors_and_configs_only(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("fp16_weights_only, repo_has_fp16, weights", [
+    (False, True, "*.safetensors"),
+    (True, True, "*.fp16.safetensors"),  # I2VGen-XL in half precision: 5 GB, not 15
+    (True, False, "*.safetensors"),  # a repo without fp16 copies still downloads its weights
+])
+def test_a_repo_id_downloads_safetensors_and_configs_only(tiny_model_dir, monkeypatch, fp16_weights_only,
+                                                          repo_has_fp16, weights):
     """The one network path: a repo id given on purpose; pickles and code files are never fetched."""
     import huggingface_hub
 
@@ -117,13 +123,35 @@ def test_a_repo_id_downloads_safetensors_and_configs_only(tiny_model_dir, monkey
         requests.append((repo_id, kwargs))
         return str(tiny_model_dir)
 
+    def list_repo_files(repo_id, **kwargs):
+        names = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+        return names + (["unet/diffusion_pytorch_model.fp16.safetensors"] if repo_has_fp16 else [])
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert resolve_source("ali-vilab/i2vgen-xl") == tiny_model_dir
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    assert resolve_source("ali-vilab/i2vgen-xl", fp16_weights_only=fp16_weights_only) == tiny_model_dir
     ((repo_id, kwargs),) = requests
     patterns = kwargs["allow_patterns"]
-    assert repo_id == "ali-vilab/i2vgen-xl" and "*.safetensors" in patterns
+    assert repo_id == "ali-vilab/i2vgen-xl" and "*.json" in patterns
+    assert [p for p in patterns if p.endswith(".safetensors")] == [weights]
     assert not [p for p in patterns if p.endswith((".bin", ".pt", ".pth", ".ckpt", ".py", "*"))]
+
+
+def test_half_precision_loads_ask_for_the_fp16_files_only(tiny_model_dir, monkeypatch):
+    from anyv2v_core import loading
+
+    asked = []
+
+    def resolve_source(source, *, fp16_weights_only=False):
+        asked.append(fp16_weights_only)
+        return tiny_model_dir
+
+    monkeypatch.setattr(loading, "resolve_source", resolve_source)
+    loading.load_backbone("ali-vilab/i2vgen-xl", dtype="fp32")
+    loading.load_backbone("ali-vilab/i2vgen-xl", dtype="bf16")
+    loading.load_backbone("ali-vilab/i2vgen-xl", dtype="bf16", variant=None)  # full-precision files asked by name
+    assert asked == [False, True, False]
 
 
 MARKER = "code_from_the_model_folder_ran"
