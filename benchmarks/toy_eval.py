@@ -21,9 +21,14 @@ Table 2, edit quality (`anyv2v_core/toy/metrics.py`):
 - PSNR against the ideal edit, rendered by the world (same motion, new colour).
 Rows: full AnyV2V and the paper's ablations (no temporal injection; no spatial injection =
 neither conv nor spatial attention; random initial noise instead of the inverted latent), plus
-no injection at all. The inversion (100 steps) is shared by all rows of a clip.
+no injection at all and injection at every step (all three taus 1: the most structure injection
+can impose). The inversion (100 steps) is shared by all rows of a clip.
 
 Table 3, guidance: full AnyV2V at several cfg scales, scored as in Table 2.
+
+Table 4, can injection carry structure at all: how peaked the self-attention maps of the injected
+layers are on the source clips (entropy over the uniform map's; 1 means every query attends
+evenly, so swapping in the source's queries and keys changes nothing).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ ABLATIONS = {  # name -> (injection, start from random noise)
     "no spatial injection (conv + attn)": (replace(FULL, conv_tau=0.0, spatial_tau=0.0), False),
     "random initial noise": (FULL, True),
     "no injection at all": (InjectionSettings(0.0, 0.0, 0.0), False),
+    "injection at every step": (InjectionSettings(1.0, 1.0, 1.0), False),  # the most injection can impose
 }
 
 
@@ -115,6 +121,51 @@ def edit_tables(backbone, clips: int, inversion_steps: int, cfgs: list[float]) -
     print_scores(f"Table 3: full AnyV2V against the guidance scale, {setup}", by_cfg)
 
 
+@torch.inference_mode()
+def attention_table(backbone, clips: int, timesteps=(901, 501, 101)) -> None:
+    """Table 4: mean relative entropy of the injected self-attention maps, per kind and timestep."""
+    modules = dict(backbone.unet.named_modules())
+    kinds = {"spatial": backbone.injection_layers.spatial_attention,
+             "temporal": backbone.injection_layers.temporal_attention}
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+
+    def keep(name: str, role: str):
+        def hook(module, inputs, output):
+            captured[(name, role)] = output
+        return hook
+
+    handles = [getattr(modules[name], role).register_forward_hook(keep(name, role))
+               for names in kinds.values() for name in names for role in ("to_q", "to_k")]
+    entropy = {(kind, t): [] for kind in kinds for t in timesteps}
+    try:
+        for k in range(clips):
+            scene = world.make_scene(HELD_OUT_SEED + k)
+            frames = torch.from_numpy(world.render(scene))
+            row = backbone.condition(frames[:1], scene.caption(), num_frames=scene.num_frames, fps=FPS)
+            clean = backbone.encode_video(frames)  # [1, 4, F, h, w]
+            for t in timesteps:
+                alpha = backbone.schedule.alphas_cumprod[t]
+                noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(k))
+                backbone.predict(alpha.sqrt() * clean + (1 - alpha).sqrt() * noise, t, [row])
+                for kind, names in kinds.items():
+                    for name in names:
+                        heads = modules[name].heads
+                        q, key = (captured[(name, r)].unflatten(-1, (heads, -1)).transpose(1, 2) for r in ("to_q", "to_k"))
+                        tokens = q.shape[-2]  # q, key: [batch, heads, tokens, head width]
+                        maps = (q @ key.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+                        h = -(maps * maps.clamp_min(1e-12).log()).sum(-1).mean() / math.log(tokens)
+                        entropy[(kind, t)].append(float(h))
+    finally:
+        for handle in handles:
+            handle.remove()
+    print(f"\nTable 4: entropy of the injected self-attention maps over the uniform map's (1 = uniform), "
+          f"{clips} clips, noised source latents\n")
+    print("| timestep | " + " | ".join(f"{kind} ({len(names)} layers)" for kind, names in kinds.items()) + " |")
+    print("|---|" + "---|" * len(kinds))
+    for t in timesteps:
+        print(f"| {t} | " + " | ".join(f"{np.mean(entropy[(kind, t)]):.3f}" for kind in kinds) + " |")
+
+
 def print_scores(title: str, scores: dict[str, list[dict]]) -> None:
     keys = ("centroid_error", "detected", "colour_error", "background_flicker", "psnr_to_ideal")
     print(f"\n{title}; means (lower is better, except shape found and PSNR)\n")
@@ -134,6 +185,7 @@ def main() -> None:
     parser.add_argument("--start-indices", type=int, nargs="+", default=[0, 5, 10])
     parser.add_argument("--edit-inversion-steps", type=int, default=SETTINGS.inversion_steps)
     parser.add_argument("--cfgs", type=float, nargs="*", default=[1.0, 3.0, 9.0])
+    parser.add_argument("--attention-clips", type=int, default=4, help="held-out clips for the attention table")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,6 +196,8 @@ def main() -> None:
         inversion_table(backbone, args.inversion_clips, args.inversion_steps, args.start_indices)
     if args.clips:
         edit_tables(backbone, args.clips, args.edit_inversion_steps, args.cfgs)
+    if args.attention_clips:
+        attention_table(backbone, args.attention_clips)
     print(f"\n({time.time() - started:.0f} s, torch {torch.__version__}, {args.threads} thread(s))")
 
 

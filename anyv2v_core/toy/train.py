@@ -56,6 +56,10 @@ CLIP_IMAGE_CONFIG = {
     "size": {"shortest_edge": 32},
 }
 EMBED_DIM = 32  # CLIP width = projection = the UNet's cross_attention_dim
+# Width of every attention head. With 4-wide heads the trained toy's decoder self-attention stayed
+# near-uniform (entropy 0.94-0.997 of the uniform map's), so AnyV2V's Q/K injection had no structure
+# to carry; the real I2VGen-XL's heads are 64 wide.
+ATTENTION_HEAD_DIM = 16
 
 
 def build_networks(seed: int):
@@ -74,7 +78,7 @@ def build_networks(seed: int):
     # both keys are written so diffusers 0.26 and >= 0.27 read the same structure.
     unet = I2VGenXLUNet(
         sample_size=16, block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
-        cross_attention_dim=EMBED_DIM, attention_head_dim=4, num_attention_heads=4,
+        cross_attention_dim=EMBED_DIM, attention_head_dim=ATTENTION_HEAD_DIM, num_attention_heads=ATTENTION_HEAD_DIM,
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -93,11 +97,26 @@ def build_networks(seed: int):
 
 
 def load_networks(folder: Path):
-    """(unet, vae, text_encoder, image_encoder) of a folder written by `save_folder`, to train further."""
+    """(unet, vae, text_encoder, image_encoder) of a folder written by `save_folder`, to train further.
+
+    A UNet saved with another head width is re-headed to ATTENTION_HEAD_DIM: every weight keeps its
+    shape except the input temporal transformer's, whose inner width follows the heads; that one
+    starts as the identity (zero output projection) so the re-headed UNet begins near the old one.
+    """
     from diffusers import AutoencoderKL, I2VGenXLUNet
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
     unet = I2VGenXLUNet.from_pretrained(folder, subfolder="unet")
+    if unet.config.attention_head_dim != ATTENTION_HEAD_DIM:
+        reheaded = I2VGenXLUNet.from_config({**unet.config, "attention_head_dim": ATTENTION_HEAD_DIM,
+                                             "num_attention_heads": ATTENTION_HEAD_DIM})
+        kept = {k: v for k, v in unet.state_dict().items() if not k.startswith("transformer_in.")}
+        missing, unexpected = reheaded.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith("transformer_in.") for k in missing):
+            raise RuntimeError(f"re-heading changed more than transformer_in: {unexpected + missing}")
+        torch.nn.init.zeros_(reheaded.transformer_in.proj_out.weight)
+        torch.nn.init.zeros_(reheaded.transformer_in.proj_out.bias)
+        unet = reheaded
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval().requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").eval().requires_grad_(False)
@@ -110,6 +129,11 @@ def save_folder(out: Path, unet, vae, text_encoder, image_encoder) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     unet.save_pretrained(staging / "unet", safe_serialization=True)
     vae.save_pretrained(staging / "vae", safe_serialization=True)
+    for component in ("unet", "vae"):  # a resumed model remembers the folder it came from; ship no paths
+        config_file = staging / component / "config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("_name_or_path", None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
     image_encoder.save_pretrained(staging / "image_encoder", safe_serialization=True)
     write_tokenizer(staging / "tokenizer")
@@ -142,12 +166,12 @@ def train_vae(vae, args, log) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.vae_lr, total_steps=args.vae_steps,
                                                    pct_start=0.05)
     rng = np.random.default_rng(args.seed)
-    vae.train()
+    vae.to(args.device).train()
     losses = []
     for step in range(args.vae_steps):
         frames, _ = clip_batch(args.seed * 10_000_000 + step * args.vae_batch, args.vae_batch, args.frames)
         pick = torch.from_numpy(rng.integers(0, args.frames, size=args.vae_batch))
-        pixels = frames[torch.arange(args.vae_batch), pick].permute(0, 3, 1, 2) * 2 - 1  # [B, 3, H, W]
+        pixels = frames[torch.arange(args.vae_batch), pick].permute(0, 3, 1, 2).to(args.device) * 2 - 1  # [B, 3, H, W]
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # KL summed over a sample's latents, per pixel value like the reconstruction terms
@@ -164,7 +188,7 @@ def train_vae(vae, args, log) -> dict:
     # unit-variance latents, as Stable Diffusion's 0.18215 was chosen; measured on held-out clips
     with torch.no_grad():
         frames, _ = clip_batch(HELD_OUT_SEED + 500_000, 32, args.frames)
-        pixels = frames.flatten(0, 1).permute(0, 3, 1, 2) * 2 - 1
+        pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).to(args.device) * 2 - 1
         latents = vae_latents(vae, pixels)
         recon = vae.decode(latents).sample
         psnr = 10 * math.log10(4 / F.mse_loss(recon, pixels).item())  # range -1..1 has peak-to-peak 2
@@ -193,13 +217,15 @@ def condition_batch(backbone: I2VGenXLBackbone, frames: torch.Tensor, captions: 
         text.append(row.text_embeddings.clone())
         embeddings.append(row.image_embeddings.clone())
         image_latents.append(row.image_latents.clone())
-    return torch.cat(text), torch.cat(embeddings), torch.cat(image_latents)
+    device = backbone.device
+    return torch.cat(text).to(device), torch.cat(embeddings).to(device), torch.cat(image_latents).to(device)
 
 
 def train_unet(unet, backbone: I2VGenXLBackbone, args, log, save) -> dict:
     """Stage 2: v-prediction on uniformly drawn timesteps of the zero-terminal-SNR schedule."""
     alphas_cumprod = backbone.schedule.alphas_cumprod  # [1000]; alphas_cumprod[999] == 0 (pure noise)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    device = backbone.device
+    ema = copy.deepcopy(unet.to(device)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = min(100, args.unet_steps // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
@@ -214,16 +240,18 @@ def train_unet(unet, backbone: I2VGenXLBackbone, args, log, save) -> dict:
         first_seed = args.seed * 10_000_000 + 5_000_000 + (first_step + step) * args.batch
         frames, captions = clip_batch(first_seed, args.batch, args.frames)  # [B, F, H, W, 3]
         with torch.no_grad():
-            pixels = frames.flatten(0, 1).permute(0, 3, 1, 2) * 2 - 1
+            pixels = frames.flatten(0, 1).permute(0, 3, 1, 2).to(device) * 2 - 1
             x0 = vae_latents(backbone.vae, pixels) * backbone.vae_scaling_factor  # [B*F, 4, h, w]
             x0 = x0.unflatten(0, (args.batch, args.frames)).permute(0, 2, 1, 3, 4)  # [B, 4, F, h, w]
             text, embeddings, image_latents = condition_batch(backbone, frames, captions, rng)
+        # drawn on the CPU so a seed gives the same run on any device
         t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1, 1).to(device)
+        t = t.to(device)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
-        prediction = unet(noisy, t, fps=torch.full((args.batch,), FPS), image_latents=image_latents,
+        prediction = unet(noisy, t, fps=torch.full((args.batch,), FPS, device=device), image_latents=image_latents,
                           image_embeddings=embeddings, encoder_hidden_states=text, return_dict=False)[0]
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
@@ -263,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda for a longer run on a GPU")
     parser.add_argument("--resume-from-step", type=int, default=0,
                         help="continue the UNet in --out, trained for this many steps (the VAE is kept)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -284,18 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     vae_minutes = (time.time() - started) / 60
     backbone = I2VGenXLBackbone(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(args.out), image_encoder=image_encoder,
-        clip_image_config=CLIP_IMAGE_CONFIG, scheduler_config=SCHEDULER_CONFIG, device=torch.device("cpu"),
+        clip_image_config=CLIP_IMAGE_CONFIG, scheduler_config=SCHEDULER_CONFIG, device=torch.device(args.device),
         dtype=torch.float32,
-    )
+    ).to(args.device)
 
-    def save(averaged_unet) -> None:
-        save_folder(args.out, averaged_unet, vae, text_encoder, image_encoder)
+    def save(averaged_unet) -> None:  # CPU copies: the shipped weights must not remember a device
+        save_folder(args.out, *(copy.deepcopy(m).cpu() for m in (averaged_unet, vae, text_encoder, image_encoder)))
 
     stats.update(train_unet(unet, backbone, args, log, save))
     save(unet)
     minutes = (time.time() - started) / 60
     log(f"done in {minutes:.1f} min; wrote {args.out}")
-    write_training_note(args, stats, vae_minutes, minutes)
+    write_training_note(args, argv, stats, vae_minutes, minutes)
 
 
 def _tokenizer(out: Path):
@@ -308,12 +338,12 @@ def _tokenizer(out: Path):
     return tokenizer
 
 
-def write_training_note(args, stats: dict, vae_minutes: float, minutes: float) -> None:
+def write_training_note(args, argv: list[str], stats: dict, vae_minutes: float, minutes: float) -> None:
     """Record the run in TRAINING.md beside the weights; a resumed run appends its own section."""
     import diffusers
     import transformers
 
-    command = "python -m anyv2v_core.toy.train " + " ".join(sys.argv[1:])
+    command = "python -m anyv2v_core.toy.train " + " ".join(argv)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     first = args.resume_from_step
     section = [
