@@ -11,13 +11,11 @@ from anyv2v_core.toy import train
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """A two-step run of both stages, with 4-wide heads (the width of the first shipped weights)."""
+    """A two-step run of both stages, with 4-wide heads (the width of the shipped weights)."""
     out = tmp_path_factory.mktemp("toy") / "weights"
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "ATTENTION_HEAD_DIM", 4)
-        train.main(["--out", str(out), "--vae-steps", "2", "--vae-batch", "2", "--unet-steps", "2", "--batch", "2",
-                    "--frames", "4", "--checkpoint-every", "1", "--threads", "1"])
+    train.main(["--out", str(out), "--vae-steps", "2", "--vae-batch", "2", "--unet-steps", "2", "--batch", "2",
+                "--frames", "4", "--checkpoint-every", "1", "--threads", "1", "--attention-head-dim", "4"])
     return out
 
 
@@ -28,7 +26,7 @@ def test_a_short_run_writes_a_folder_the_engine_loads(short_run):
     assert backbone.name == "i2vgen-xl" and backbone.unet.config.attention_head_dim == 4
     assert not list(short_run.parent.glob("*.partial"))  # checkpoints replaced the folder atomically
     note = (short_run / "TRAINING.md").read_text()
-    assert "## UNet steps 0 to 2 (from scratch, VAE included)" in note and "--unet-steps 2" in note
+    assert "## UNet steps 0 to 2 (from scratch, VAE included)" in note and "--unet-steps 2" in note and "--attention-head-dim 4" in note
     for component in ("unet", "vae"):
         assert "_name_or_path" not in json.loads((short_run / component / "config.json").read_text())
 
@@ -37,11 +35,11 @@ def test_resuming_re_heads_the_unet_and_keeps_every_other_weight(short_run):
     from diffusers import I2VGenXLUNet
 
     saved = I2VGenXLUNet.from_pretrained(short_run, subfolder="unet")
-    unet = train.load_networks(short_run)[0]
-    assert unet.config.attention_head_dim == train.ATTENTION_HEAD_DIM != saved.config.attention_head_dim
+    unet = train.load_networks(short_run, head_dim=16)[0]
+    assert unet.config.attention_head_dim == 16 != saved.config.attention_head_dim
     widths = {m.to_q.out_features // m.heads for n, m in unet.named_modules() if n.endswith("attn1")
               and not n.startswith("image_latents_temporal_encoder")}
-    assert widths == {train.ATTENTION_HEAD_DIM}
+    assert widths == {16}
     before, after = saved.state_dict(), unet.state_dict()
     kept = [k for k in before if not k.startswith("transformer_in.")]
     assert kept and all(torch.equal(before[k], after[k]) for k in kept)

@@ -56,13 +56,13 @@ CLIP_IMAGE_CONFIG = {
     "size": {"shortest_edge": 32},
 }
 EMBED_DIM = 32  # CLIP width = projection = the UNet's cross_attention_dim
-# Width of every attention head. With 4-wide heads the trained toy's decoder self-attention stayed
-# near-uniform (entropy 0.94-0.997 of the uniform map's), so AnyV2V's Q/K injection had no structure
-# to carry; the real I2VGen-XL's heads are 64 wide.
+# Default width of every attention head. The shipped weights have 4-wide heads, and their decoder
+# self-attention stayed near-uniform (entropy 0.94-0.997 of the uniform map's), so AnyV2V's Q/K
+# injection had no structure to carry; the real I2VGen-XL's heads are 64 wide.
 ATTENTION_HEAD_DIM = 16
 
 
-def build_networks(seed: int):
+def build_networks(seed: int, head_dim: int = ATTENTION_HEAD_DIM):
     """Freshly initialised (unet, vae, text_encoder, image_encoder); the same seed gives the same weights."""
     from diffusers import AutoencoderKL, I2VGenXLUNet
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -78,7 +78,7 @@ def build_networks(seed: int):
     # both keys are written so diffusers 0.26 and >= 0.27 read the same structure.
     unet = I2VGenXLUNet(
         sample_size=16, block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
-        cross_attention_dim=EMBED_DIM, attention_head_dim=ATTENTION_HEAD_DIM, num_attention_heads=ATTENTION_HEAD_DIM,
+        cross_attention_dim=EMBED_DIM, attention_head_dim=head_dim, num_attention_heads=head_dim,
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -96,10 +96,10 @@ def build_networks(seed: int):
     return unet, vae, text_encoder, image_encoder
 
 
-def load_networks(folder: Path):
+def load_networks(folder: Path, head_dim: int = ATTENTION_HEAD_DIM):
     """(unet, vae, text_encoder, image_encoder) of a folder written by `save_folder`, to train further.
 
-    A UNet saved with another head width is re-headed to ATTENTION_HEAD_DIM: every weight keeps its
+    A UNet saved with another head width is re-headed to `head_dim`: every weight keeps its
     shape except the input temporal transformer's, whose inner width follows the heads; that one
     starts as the identity (zero output projection) so the re-headed UNet begins near the old one.
     """
@@ -107,9 +107,9 @@ def load_networks(folder: Path):
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
     unet = I2VGenXLUNet.from_pretrained(folder, subfolder="unet")
-    if unet.config.attention_head_dim != ATTENTION_HEAD_DIM:
-        reheaded = I2VGenXLUNet.from_config({**unet.config, "attention_head_dim": ATTENTION_HEAD_DIM,
-                                             "num_attention_heads": ATTENTION_HEAD_DIM})
+    if unet.config.attention_head_dim != head_dim:
+        reheaded = I2VGenXLUNet.from_config({**unet.config, "attention_head_dim": head_dim,
+                                             "num_attention_heads": head_dim})
         kept = {k: v for k, v in unet.state_dict().items() if not k.startswith("transformer_in.")}
         missing, unexpected = reheaded.load_state_dict(kept, strict=False)
         if unexpected or any(not k.startswith("transformer_in.") for k in missing):
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--attention-head-dim", type=int, default=ATTENTION_HEAD_DIM,
+                        help="width of every attention head; a resumed UNet with another width is re-headed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda for a longer run on a GPU")
     parser.add_argument("--resume-from-step", type=int, default=0,
@@ -304,10 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{(time.time() - started) / 60:6.1f} min] {message}", flush=True)
 
     if args.resume_from_step:
-        unet, vae, text_encoder, image_encoder = load_networks(args.out)
+        unet, vae, text_encoder, image_encoder = load_networks(args.out, args.attention_head_dim)
         stats = {}
     else:
-        unet, vae, text_encoder, image_encoder = build_networks(args.seed)
+        unet, vae, text_encoder, image_encoder = build_networks(args.seed, args.attention_head_dim)
         log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
             f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params")
         stats = train_vae(vae, args, log)
