@@ -26,7 +26,8 @@ def test_a_short_run_writes_a_folder_the_engine_loads(short_run):
     assert backbone.name == "i2vgen-xl" and backbone.unet.config.attention_head_dim == 4
     assert not list(short_run.parent.glob("*.partial"))  # checkpoints replaced the folder atomically
     note = (short_run / "TRAINING.md").read_text()
-    assert "## UNet steps 0 to 2 (from scratch, VAE included)" in note and "--unet-steps 2" in note and "--attention-head-dim 4" in note
+    assert "## UNet steps 0 to 2 (from scratch, VAE included)" in note
+    assert "--unet-steps 2" in note and "--attention-head-dim 4" in note
     for component in ("unet", "vae"):
         assert "_name_or_path" not in json.loads((short_run / component / "config.json").read_text())
 
