@@ -243,7 +243,7 @@ def check_injection_targets(backbone: Backbone, folder: Path) -> None:
     """Refuse a UNet built unlike its backbone's architecture: AnyV2V's injection layers must exist in it."""
     from .injection import missing_layers
 
-    missing = missing_layers(backbone.unet, backbone.injection_layers)
+    missing = missing_layers(backbone.denoiser, backbone.injection_layers)
     if missing:
         raise ModelLoadError(
             f"the UNet in {folder} has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "

@@ -109,7 +109,7 @@ def edit(
     """Edit a video: the appearance of `edited_first_frame` with the structure and motion of
     `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
     s = settings.resolved(backbone.defaults)
-    check_injection_layers(backbone.unet, s.injection.layers or backbone.injection_layers)
+    check_injection_layers(backbone.denoiser, s.injection.layers or backbone.injection_layers)
     frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
     first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize,
                                       source_wh=(int(source_frames.shape[-2]), int(source_frames.shape[-3])))

@@ -113,7 +113,7 @@ def sample_edit(
     if noise is not None and len(noise) < len(todo) - 1:
         raise AnyV2VError(f"{len(noise)} replayed noise tensors are too few for {len(todo)} DDPM steps")
     generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(), injected(backbone.unet, plan) as injector:
+    with torch.inference_mode(), injected(backbone.denoiser, plan) as injector:
         for done, (t_source, t) in enumerate(todo, start=1):
             active = plan.active_kinds(t)
             if active or keep_source_row:

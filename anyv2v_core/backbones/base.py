@@ -66,7 +66,6 @@ class Backbone(ABC):
     """An image-to-video model wrapped for AnyV2V."""
 
     name: str
-    unet: torch.nn.Module
     schedule: NoiseSchedule
     defaults: BackboneDefaults
     injection_layers: InjectionLayers  # the paper's default injection points for this model
@@ -114,6 +113,12 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
         """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w],
         decoding `chunk_size` frames at a time; `progress(frames done, frames)` may raise to cancel."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts noise or velocity (a UNet, or a diffusion transformer); the
+        injection layers are module names inside it. UNet backbones keep it as `self.unet`."""
+        return self.unet
 
     def source_row_for_edit(self, source: RowCondition, edit: RowCondition) -> RowCondition:
         """The source row's conditioning during injected sampling, from the inversion's source row
