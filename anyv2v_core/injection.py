@@ -8,19 +8,23 @@ the source row's:
 - conv: the residual branch of one decoder resnet, taken at the output of its `conv2`
   (before the skip connection is added);
 - spatial: Q and K (never V) of the spatial self-attention in the decoder's transformer blocks;
-- temporal: Q and K of the temporal self-attention at the same places.
+- temporal: Q and K of the temporal self-attention at the same places;
+- attention: Q and K of the joint space-time self-attention of a video diffusion transformer
+  (Wan), whose one attention does the work of the UNets' spatial and temporal ones.
 
-Each kind k is active on the first int(num_steps * tau_k) timesteps of the full sampling
-schedule, counted before the start-index slice (as the reference does).
+Each kind k is active on the first int(num_steps * tau_k) steps of the full sampling schedule,
+counted before the start-index slice (as the reference does); a second-order step keeps its
+kinds for both of its model evaluations.
 
-All three kinds are implemented the same way: a forward hook on the module that produces the
-tensor (the conv, `to_q`, `to_k`). Every layout involved is batch-major ([B*F, ...] spatially,
-[B*h*w, ...] temporally, [B, ...] for convs), so the batch splits into equal row blocks and
-block 0 is the source.
+Every kind is implemented the same way: a forward hook on the module that produces the tensor
+(the conv, `to_q`, `to_k`). Every layout involved is batch-major ([B*F, ...] spatially,
+[B*h*w, ...] temporally, [B, tokens, ...] in a transformer, [B, ...] for convs), so the batch
+splits into equal row blocks and block 0 is the source.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +34,7 @@ import torch
 from .backbones.base import InjectionLayers
 from .errors import AnyV2VError
 
-KINDS = ("conv", "spatial", "temporal")
+KINDS = ("conv", "spatial", "temporal", "attention")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class InjectionSettings:
     conv_tau: float = 0.2
     spatial_tau: float = 0.2
     temporal_tau: float = 0.5
+    attention_tau: float = 0.5  # joint space-time self-attention (Wan); UNet backbones have none
     layers: InjectionLayers | None = None  # None: the backbone's default layers
 
     def __post_init__(self) -> None:
@@ -54,28 +59,24 @@ class InjectionSettings:
 
 @dataclass(frozen=True)
 class InjectionPlan:
-    """Which kinds are active at which timestep, and at which modules."""
+    """Which kinds are active at which sampling step, and at which modules."""
 
     layers: InjectionLayers
-    active_timesteps: dict[str, frozenset[int]] = field(default_factory=dict)
+    active_steps: dict[str, int] = field(default_factory=dict)  # kind -> steps 0..n-1 it is active on
 
     @classmethod
-    def build(cls, timesteps: list[int], settings: InjectionSettings, default_layers: InjectionLayers) -> "InjectionPlan":
-        """Plan for a full sampling schedule `timesteps` (descending, before any start-index slice)."""
-        num_steps = len(timesteps)
-        windows = {kind: frozenset(timesteps[: int(num_steps * settings.tau(kind))]) for kind in KINDS}
-        return cls(layers=settings.layers or default_layers, active_timesteps=windows)
+    def build(cls, num_steps: int, settings: InjectionSettings, default_layers: InjectionLayers) -> "InjectionPlan":
+        """Plan for a full sampling schedule of `num_steps` steps (before any start-index slice)."""
+        windows = {kind: int(num_steps * settings.tau(kind)) for kind in KINDS}
+        return cls(layers=settings.layers or default_layers, active_steps=windows)
 
-    def active_kinds(self, timestep: int) -> tuple[str, ...]:
-        return tuple(kind for kind in KINDS if timestep in self.active_timesteps.get(kind, ()))
-
-    def needs_source(self, timestep: int) -> bool:
-        """The source row only matters through injection: once no kind is active it can be dropped."""
-        return bool(self.active_kinds(timestep))
+    def active_kinds(self, step_index: int) -> tuple[str, ...]:
+        """The kinds injected at step `step_index` (0: the noisiest step) whose layers exist."""
+        return tuple(kind for kind in KINDS if step_index < self.active_steps.get(kind, 0) and self.modules_of(kind))
 
     def modules_of(self, kind: str) -> tuple[str, ...]:
         return {"conv": self.layers.conv, "spatial": self.layers.spatial_attention,
-                "temporal": self.layers.temporal_attention}[kind]
+                "temporal": self.layers.temporal_attention, "attention": self.layers.attention}[kind]
 
 
 class FeatureInjector:
@@ -84,7 +85,7 @@ class FeatureInjector:
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.num_rows = 1
-        self.events: dict[str, int] = {kind: 0 for kind in KINDS}  # hook firings, for tests and logs
+        self.events: Counter[str] = Counter()  # hook firings per kind, for tests and logs
 
     def set_step(self, active_kinds: tuple[str, ...], num_rows: int) -> None:
         """Call before each UNet call: row 0 of a `num_rows`-row batch is the source branch."""

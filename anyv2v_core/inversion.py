@@ -1,9 +1,9 @@
-"""DDIM inversion of the source video (AnyV2V's starting point and the source branch's input).
+"""Inversion of the source video (AnyV2V's starting point and the source branch's input).
 
 The reference recipe: no classifier-free guidance, the empty prompt, conditioned on the
-*source* first frame, deterministic DDIM moves towards noisier timesteps. The reference writes
-every inversion step to disk; we keep in memory only the latents at the timesteps that
-sampling will visit, because those are the only ones it reads.
+*source* first frame, deterministic moves towards noise (DDIM for DDPM-trained models, the flow
+ODE for rectified-flow ones: see `schedule.py`). The reference writes every inversion step to
+disk; we keep in memory only the latents at the noise levels that sampling will read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
 from .memory import guard_out_of_memory
-from .video import check_frames, check_size
+from .schedule import Level
+from .video import check_frames
 from .windows import ContextWindows, check_frame_count, predict_in_windows
 
 Progress = Callable[[int, int], None]
@@ -27,11 +28,12 @@ Progress = Callable[[int, int], None]
 class Inversion:
     """The inverted source video, ready for injected sampling.
 
-    latents: {timestep: [1, C, F, h, w] float32 on the CPU}, one per sampling timestep.
+    latents: {noise level: [1, C, F, h, w] float32 on the CPU}, one per level sampling reads
+    (a DDPM timestep or a flow sigma; the half-step levels too for second-order sampling).
     source_condition: the source row's conditioning (empty prompt, source first frame).
     """
 
-    latents: dict[int, torch.Tensor]
+    latents: dict[Level, torch.Tensor]
     source_condition: RowCondition
     source_first_frame: torch.Tensor  # [1, H, W, 3]
     backbone_name: str
@@ -39,28 +41,31 @@ class Inversion:
     fps: int
     inversion_steps: int
     sampling_steps: int
-    windows: ContextWindows | None = None  # temporal windows used here and by sampling; None: all frames at once
+    windows: ContextWindows | None = None  # latent-frame windows used here and by sampling; None: all frames at once
+    order: int = 1  # solver order of the inversion; sampling uses the same
 
     @property
     def size_wh(self) -> tuple[int, int]:
         return int(self.source_first_frame.shape[2]), int(self.source_first_frame.shape[1])
 
-    def latent_at(self, timestep: int) -> torch.Tensor:
-        if timestep not in self.latents:
+    def latent_at(self, level: Level) -> torch.Tensor:
+        if level not in self.latents:
             raise AnyV2VError(
-                f"the inversion holds no latent for timestep {timestep}: it was made for {self.sampling_steps} "
-                "sampling steps; invert again with the sampling step count you use"
+                f"the inversion holds no latent for noise level {level}: it was made for {self.sampling_steps} "
+                f"sampling steps of order {self.order}; invert again with the sampling settings you use"
             )
-        return self.latents[timestep]
+        return self.latents[level]
 
 
-def start_timestep(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0) -> int:
-    """Timestep of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
-    first = backbone.schedule.timesteps(sampling_steps)[start_index]
+def start_level(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0,
+                order: int = 1) -> Level:
+    """Noise level of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
+    schedule = backbone.schedule
+    first = schedule.sampling_steps(sampling_steps, order=order)[start_index].start
     if start_index or backbone.start_timestep is None:
         return first
-    targets = backbone.schedule.inversion_timesteps(inversion_steps)
-    return max([t for t in targets if t <= backbone.start_timestep], default=first)
+    reached = [step.end for step in schedule.inversion_steps(inversion_steps, sampling_steps, order)]
+    return max([level for level in reached if level <= backbone.start_timestep], default=first)
 
 
 @guard_out_of_memory("inversion")
@@ -74,38 +79,47 @@ def invert_video(
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
     windows: ContextWindows | None = None,
+    order: int | None = None,
 ) -> Inversion:
-    """DDIM-invert prepared frames [F, H, W, 3] (already at the working size).
+    """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise.
 
     `generator` samples the VAE posterior instead of taking its mean (the reference samples it
-    from the global RNG; the mean is the deterministic default). `windows` runs every UNet
+    from the global RNG; the mean is the deterministic default). `windows` runs every model
     evaluation over temporal context windows (`windows.py`); sampling then uses the same windows.
+    `order` is the solver order (None: the backbone's); sampling later uses the same.
     """
     if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
         raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
-    backbone.schedule.check_inversion_steps(inversion_steps, sampling_steps)
-    frames = check_frames(frames, "source frames", min_frames=2)
-    check_size((frames.shape[2], frames.shape[1]))
-    check_frame_count(backbone, int(frames.shape[0]), windows)
+    order = backbone.inversion_order if order is None else order
     schedule = backbone.schedule
-    keep = set(schedule.timesteps(sampling_steps)) | {start_timestep(backbone, inversion_steps, sampling_steps)}
+    schedule.check_method(None, order)
+    schedule.check_inversion_steps(inversion_steps, sampling_steps, order)
+    frames = check_frames(frames, "source frames", min_frames=2)
+    backbone.check_video_shape(int(frames.shape[0]), (int(frames.shape[2]), int(frames.shape[1])))
+    check_frame_count(backbone, int(frames.shape[0]), windows)
+    windows = backbone.latent_windows(windows)
+    keep = schedule.source_levels(sampling_steps, order=order)
+    keep.add(start_level(backbone, inversion_steps, sampling_steps, order=order))
     num_frames = int(frames.shape[0])
     source_first_frame = frames[:1]
     source_condition = backbone.condition(source_first_frame, "", num_frames=num_frames, fps=fps)
+    kept: dict[Level, torch.Tensor] = {}
 
-    # the sampling state: frames the model generates (a conditioning first frame is not inverted)
+    def evaluate(latents: torch.Tensor, time: float, level: Level) -> torch.Tensor:
+        if level in keep:
+            kept[level] = latents.to("cpu", copy=True)
+        return predict_in_windows(backbone, latents, time, [source_condition], windows)
+
+    # the sampling state: latent frames the model generates (conditioning frames are not inverted)
     latents = backbone.encode_video(frames, generator=generator)[:, :, backbone.conditioning_frames:]
-    kept: dict[int, torch.Tensor] = {}
-    targets = schedule.inversion_timesteps(inversion_steps)
+    steps = schedule.inversion_steps(inversion_steps, sampling_steps, order)
     with torch.inference_mode():
-        for done, t in enumerate(targets, start=1):
-            model_output = predict_in_windows(backbone, latents, t, [source_condition], windows)
-            alpha_now, alpha_target = schedule.inversion_alphas(t, inversion_steps)
-            latents = schedule.ddim_move(model_output, latents, alpha_now, alpha_target)
-            if t in keep:
-                kept[t] = latents.to("cpu", copy=True)
+        for done, step in enumerate(steps, start=1):
+            latents = step.invert(latents, evaluate)
             if progress is not None:
-                progress(done, len(targets))
+                progress(done, len(steps))
+    if steps[-1].end in keep:
+        kept[steps[-1].end] = latents.to("cpu", copy=True)
     return Inversion(
         latents=kept,
         source_condition=source_condition,
@@ -116,4 +130,5 @@ def invert_video(
         inversion_steps=inversion_steps,
         sampling_steps=sampling_steps,
         windows=windows,
+        order=order,
     )

@@ -14,9 +14,8 @@ import torch
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import AnyV2VError
 from .injection import InjectionSettings, check_injection_layers
-from .inversion import Inversion, Progress, invert_video, start_timestep
+from .inversion import Inversion, Progress, invert_video, start_level
 from .sampling import SAMPLERS, check_sampling_settings, sample_edit
-from .schedule import TimestepSpacing
 from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
 from .windows import ContextWindows
 
@@ -38,6 +37,7 @@ class EditSettings:
     decode_chunk_size: int = 1
     windows: ContextWindows | None = None  # temporal context windows for long videos; None: all frames at once
     sampler: str | None = None  # "ddim" (deterministic) or "ddpm"; None: the backbone's reference sampler
+    inversion_order: int | None = None  # 1 or 2 (rectified-flow backbones); None: the backbone's default
     seed: int = 0  # seeds the DDPM sampler's noise and, with sample_posterior, the VAE posterior sample
     sample_posterior: bool = False  # the reference samples the VAE posterior; the mean is deterministic
 
@@ -62,6 +62,8 @@ class EditSettings:
             raise AnyV2VError(f"decode chunk size must be an integer >= 1 (got {self.decode_chunk_size!r})")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise AnyV2VError(f"sampler {self.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if self.inversion_order not in (None, 1, 2):
+            raise AnyV2VError(f"inversion order must be 1 or 2 (got {self.inversion_order!r})")
         if not isinstance(self.injection, InjectionSettings):
             raise AnyV2VError(f"injection must be an InjectionSettings, got {type(self.injection).__name__}")
         if self.windows is not None and not isinstance(self.windows, ContextWindows):
@@ -81,10 +83,10 @@ class EditSettings:
             steps=self.steps or d.sampling_steps,
             cfg=d.cfg if self.cfg is None else self.cfg,
             start_index=d.start_index if self.start_index is None else self.start_index,
+            inversion_order=self.inversion_order or d.inversion_order,
         )
         check_sampling_settings(settings.steps, settings.cfg, settings.start_index)
-        # every supported backbone spaces 1000 timesteps alike: checkable before the model loads
-        TimestepSpacing().check_inversion_steps(settings.inversion_steps, settings.steps)
+        d.spacing.check_inversion_steps(settings.inversion_steps, settings.steps, settings.inversion_order)
         return settings
 
 
@@ -121,10 +123,11 @@ def edit(
         return None if progress is None else (lambda done, _: progress(offset + done, total))
 
     inversion = invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps,
-                             fps=s.fps, progress=phase(0), generator=generator, windows=s.windows)
+                             fps=s.fps, progress=phase(0), generator=generator, windows=s.windows,
+                             order=s.inversion_order)
     latents = sample_edit(backbone, inversion, first_frame, prompt=prompt, negative_prompt=s.negative_prompt,
                           injection=s.injection, cfg=s.cfg, start_index=s.start_index, sampler=s.sampler,
                           seed=s.seed, progress=phase(s.inversion_steps))
-    start = inversion.latent_at(start_timestep(backbone, s.inversion_steps, s.steps, s.start_index))
+    start = inversion.latent_at(start_level(backbone, s.inversion_steps, s.steps, s.start_index, s.inversion_order))
     decoded = backbone.decode(latents, s.decode_chunk_size, progress=phase(sampling_done))
     return EditResult(frames=decoded, latents=latents.cpu(), inverted_start=start, fps=s.fps, inversion=inversion)

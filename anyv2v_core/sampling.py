@@ -1,10 +1,12 @@
 """Injected sampling: regenerate the video from the edited first frame with the source's
 structure and motion (AnyV2V, Sec. 3.3).
 
-Sampling starts from the inverted latent at timesteps[start_index] (no added noise; see
-`Backbone.start_timestep` for a backbone whose reference starts from a noisier one). Every
-step runs one batch of rows [source, uncond, cond]:
-- source: the stored inverted latent at t, conditioned on the source first frame and "";
+Sampling starts from the inverted latent at the noise level of step `start_index` (no added
+noise; see `Backbone.start_timestep` for a backbone whose reference starts from a noisier one).
+The steps are the model family's (`schedule.py`: DDIM/DDPM, or Euler/midpoint on a flow); every
+model evaluation inside a step runs one batch of rows [source, uncond, cond]:
+- source: the stored inverted latent at the evaluated level, conditioned on the source first
+  frame and "";
 - uncond: the current latent, the edited first frame, the negative prompt (no image embedding
   where the model supports it);
 - cond: the current latent, the edited first frame, the edit prompt.
@@ -22,12 +24,13 @@ import torch
 from .backbones.base import Backbone
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected
-from .inversion import Inversion, Progress, start_timestep
+from .inversion import Inversion, Progress, start_level
 from .memory import guard_out_of_memory
+from .schedule import Level, NoiseSource
 from .video import check_frames
 from .windows import predict_in_windows
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm")  # the named samplers of DDPM-family backbones; flow backbones follow the order
 
 
 def check_sampling_settings(steps: int, cfg: float, start_index: int) -> None:
@@ -77,27 +80,28 @@ def sample_edit(
 ) -> torch.Tensor:
     """Edited latents [1, C, F, h, w] float32 from an inversion and an edited first frame [1, H, W, 3].
 
-    `initial_latents` replaces the inverted start latent (the paper's "random noise" ablation).
-    `sampler` is "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference edits); None
-    takes the backbone's. DDPM draws its noise from a CPU generator seeded with `seed`, or replays
-    `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
+    Sampling integrates with the solver order the inversion used. `initial_latents` replaces the
+    inverted start latent (the paper's "random noise" ablation). `sampler` names a sampler of
+    DDPM-family backbones: "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference
+    edits); None takes the backbone's. DDPM draws its noise from a CPU generator seeded with
+    `seed`, or replays `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
     `keep_source_row` runs the source row at every step, as the reference does; the result is the
-    same, at the cost of one more UNet row per step after the last injection window.
+    same, at the cost of one more row per step after the last injection window.
     """
     steps = inversion.sampling_steps
     check_sampling_settings(steps, cfg, start_index)
     check_seed(seed)
     edited_first_frame = check_edited_first_frame(edited_first_frame, inversion)
-    sampler = sampler or backbone.sampler
-    if sampler not in SAMPLERS:
-        raise AnyV2VError(f"sampler {sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
     if inversion.backbone_name != backbone.name:
         raise AnyV2VError(f"this inversion was made with {inversion.backbone_name}, not {backbone.name}; invert again")
+    sampler = sampler or backbone.sampler
     schedule = backbone.schedule
-    timesteps = schedule.timesteps(steps)  # the inversion's timesteps
-    # DDPM runs without the timestep offset (980..0); step i still takes the source latent at timesteps[i]
-    unet_timesteps = timesteps if sampler == "ddim" else schedule.ddpm_timesteps(steps)
-    plan = InjectionPlan.build(unet_timesteps, injection, backbone.injection_layers)
+    schedule.check_method(sampler, inversion.order)
+    todo = schedule.sampling_steps(steps, sampler=sampler, order=inversion.order)[start_index:]
+    plan = InjectionPlan.build(steps, injection, backbone.injection_layers)
+    noise_draws = sum(step.draws_noise for step in todo)
+    if noise is not None and len(noise) < noise_draws:
+        raise AnyV2VError(f"{len(noise)} replayed noise tensors are too few for {noise_draws} stochastic steps")
 
     condition_args = dict(num_frames=inversion.num_frames, fps=inversion.fps)
     uncond = backbone.condition(edited_first_frame, negative_prompt, unconditional=True, **condition_args)
@@ -105,35 +109,30 @@ def sample_edit(
     source = backbone.source_row_for_edit(inversion.source_condition, cond)
 
     if initial_latents is None:
-        start = inversion.latent_at(start_timestep(backbone, inversion.inversion_steps, steps, start_index))
+        start = inversion.latent_at(start_level(backbone, inversion.inversion_steps, steps, start_index, inversion.order))
     else:
         start = initial_latents
     latents = start.to(backbone.device, torch.float32)
-    todo = list(zip(timesteps[start_index:], unet_timesteps[start_index:]))
-    if noise is not None and len(noise) < len(todo) - 1:
-        raise AnyV2VError(f"{len(noise)} replayed noise tensors are too few for {len(todo)} DDPM steps")
-    generator = torch.Generator().manual_seed(seed)
+    noise_source = NoiseSource(seed, noise)
     with torch.inference_mode(), injected(backbone.denoiser, plan) as injector:
-        for done, (t_source, t) in enumerate(todo, start=1):
-            active = plan.active_kinds(t)
-            if active or keep_source_row:
-                rows = [source, uncond, cond]
-                batch = torch.cat([inversion.latent_at(t_source).to(latents.device), latents, latents])
-            else:
-                rows = [uncond, cond]
-                batch = torch.cat([latents, latents])
-            injector.set_step(active, num_rows=len(rows))
-            model_output = predict_in_windows(backbone, batch, t, rows, inversion.windows)
-            output_uncond, output_cond = model_output[-2:-1], model_output[-1:]
-            guided = output_uncond + cfg * (output_cond - output_uncond)
-            if sampler == "ddim":
-                latents = schedule.ddim_move(guided, latents, *schedule.sampling_alphas(t, steps))
-            else:
-                step_noise = None
-                if done < len(todo):
-                    step_noise = noise[done - 1] if noise is not None else torch.randn(latents.shape, generator=generator)
-                    step_noise = step_noise.to(latents.device, torch.float32)
-                latents = schedule.ddpm_move(guided, latents, t, steps, step_noise)
+        for done, (index, step) in enumerate(enumerate(todo, start=start_index), start=1):
+            active = plan.active_kinds(index)
+
+            def guided(x: torch.Tensor, time: float, level: Level) -> torch.Tensor:
+                """Classifier-free guided prediction for x; the source row, while needed, holds the
+                inverted latent at `level` and feeds the injection hooks."""
+                if active or keep_source_row:
+                    rows = [source, uncond, cond]
+                    batch = torch.cat([inversion.latent_at(level).to(x.device), x, x])
+                else:
+                    rows = [uncond, cond]
+                    batch = torch.cat([x, x])
+                injector.set_step(active, num_rows=len(rows))
+                model_output = predict_in_windows(backbone, batch, time, rows, inversion.windows)
+                output_uncond, output_cond = model_output[-2:-1], model_output[-1:]
+                return output_uncond + cfg * (output_cond - output_uncond)
+
+            latents = step.denoise(latents, guided, noise_source)
             if progress is not None:
                 progress(done, len(todo))
     return backbone.video_latents(latents, cond)

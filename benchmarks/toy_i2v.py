@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT  # noqa: E402
 from anyv2v_core.loading import load_backbone  # noqa: E402
+from anyv2v_core.schedule import NoiseSource  # noqa: E402
 from anyv2v_core.toy import world  # noqa: E402
 from anyv2v_core.toy.metrics import locate  # noqa: E402
 from anyv2v_core.toy.train import FPS, HELD_OUT_SEED  # noqa: E402
@@ -45,11 +46,13 @@ def sample_video(backbone, first_frame: torch.Tensor, prompt: str, *, num_frames
     uncond = backbone.condition(first_frame, NEGATIVE_PROMPT, unconditional=True, **condition)
     h, w = (s // backbone.vae_scale_factor for s in first_frame.shape[1:3])
     latents = torch.randn((1, 4, num_frames, h, w), generator=torch.Generator().manual_seed(seed))
-    schedule = backbone.schedule
-    for t in schedule.timesteps(steps):
-        output = backbone.predict(torch.cat([latents, latents]), t, [uncond, cond])
-        guided = output[:1] + cfg * (output[1:] - output[:1])
-        latents = schedule.ddim_move(guided, latents, *schedule.sampling_alphas(t, steps))
+
+    def guided(x: torch.Tensor, time: float, level) -> torch.Tensor:
+        output = backbone.predict(torch.cat([x, x]), time, [uncond, cond])
+        return output[:1] + cfg * (output[1:] - output[:1])
+
+    for step in backbone.schedule.sampling_steps(steps):  # DDIM
+        latents = step.denoise(latents, guided, NoiseSource(seed))
     return backbone.decode(latents)
 
 

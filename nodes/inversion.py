@@ -56,7 +56,7 @@ def check_steps(inversion_steps, sampling_steps) -> str | None:
     """The engine's rule (every sampling timestep must be an inversion target) on the 1000-step
     schedule all supported backbones share; the engine checks it again against the real model."""
     from anyv2v_core.errors import AnyV2VError
-    from anyv2v_core.schedule import TimestepSpacing
+    from anyv2v_core.diffusion_schedule import TimestepSpacing
 
     if inversion_steps is None or sampling_steps is None:
         return None

@@ -115,11 +115,11 @@ def test_unet_with_anyv2v_injection_matches_reference_hooks(oracle, tiny_unet):
     t = int(data["input.timestep"])
     args = (data["input.sample"], t, data["input.encoder_hidden_states"], data["input.first_frame_latents"],
             int(data["input.frame_stride"]))
-    plan = InjectionPlan.build(schedule, InjectionSettings(conv_tau=1.0, spatial_tau=1.0, temporal_tau=1.0), layers)
+    plan = InjectionPlan.build(len(schedule), InjectionSettings(conv_tau=1.0, spatial_tau=1.0, temporal_tau=1.0), layers)
     with torch.no_grad():
         plain = tiny_unet(*args)
         with injected(tiny_unet, plan) as injector:
-            injector.set_step(plan.active_kinds(t), num_rows=3)
+            injector.set_step(plan.active_kinds(schedule.index(t)), num_rows=3)
             hooked = tiny_unet(*args)
     assert injector.events == {"conv": 1, "spatial": 2 * 8, "temporal": 2 * 8}
     assert relative_error(plain, data["output.sample_plain"]) < RTOL

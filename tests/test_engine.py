@@ -161,7 +161,7 @@ def test_injection_names_missing_layers(tiny_backbone):
     from anyv2v_core.backbones.base import InjectionLayers
 
     layers = InjectionLayers(conv=("up_blocks.9.resnets.0.conv2",), spatial_attention=(), temporal_attention=())
-    plan = InjectionPlan.build([1], InjectionSettings(1, 1, 1, layers=layers), tiny_backbone.injection_layers)
+    plan = InjectionPlan.build(1, InjectionSettings(1, 1, 1, layers=layers), tiny_backbone.injection_layers)
     with pytest.raises(AnyV2VError, match=r"up_blocks\.9\.resnets\.0\.conv2"):
         with injected(tiny_backbone.unet, plan):
             pass

@@ -78,9 +78,8 @@ def test_inversion_segments(backbone, inversion_data, start, end):
     row.masked_latents = inversion_data["masked_src_video_latent"]  # the reference's exact conditioning
     schedule = backbone.schedule
     latents = saved[start]
-    for t in [t for t in schedule.inversion_timesteps(500) if start < t <= end]:
-        model_output = backbone.predict(latents, t, [row])
-        latents = schedule.ddim_move(model_output, latents, *schedule.inversion_alphas(t, 500))
+    for step in [step for step in schedule.inversion_steps(500, 50) if start < step.end <= end]:
+        latents = step.invert(latents, lambda x, time, level: backbone.predict(x, time, [row]))
     assert_close(latents, saved[end])
 
 
@@ -190,12 +189,12 @@ def test_seeded_ddpm_and_ddim_samplers_are_replayable(backbone, source_frames, i
 
 def test_edit_starts_from_the_noisiest_saved_latent(backbone, source_frames, inversion_data):
     """SEINE's reference starts its edit from the inverted latent at t=997, beyond the first step's 981."""
-    from anyv2v_core.inversion import Inversion, start_timestep
+    from anyv2v_core.inversion import Inversion, start_level
     from anyv2v_core.sampling import sample_edit
 
-    assert start_timestep(backbone, 500, 50) == 997
-    assert start_timestep(backbone, 100, 50) == 991
-    assert start_timestep(backbone, 500, 50, start_index=3) == 921
+    assert start_level(backbone, 500, 50) == 997
+    assert start_level(backbone, 100, 50) == 991
+    assert start_level(backbone, 500, 50, start_index=3) == 921
     saved = dict(zip(inversion_data["saved_latents_timesteps"].tolist(), inversion_data["saved_latents"]))
     source = backbone.condition(source_frames[:1], "", num_frames=8, fps=8)
     inversion = Inversion(latents=saved, source_condition=source, source_first_frame=source_frames[:1],

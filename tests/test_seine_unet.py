@@ -96,9 +96,9 @@ def test_pnp_case_with_injection_hooks(tiny_unet, cases):
     sample, t, text = cases["pnp.sample"], int(cases["pnp.timestep"]), cases["pnp.encoder_hidden_states"]
 
     def run(layers: InjectionLayers, spatial_events: int) -> torch.Tensor:
-        plan = InjectionPlan(layers=layers, active_timesteps={kind: frozenset({t}) for kind in KINDS})
+        plan = InjectionPlan(layers=layers, active_steps={kind: 1 for kind in KINDS})
         with injected(tiny_unet, plan) as injector:
-            injector.set_step(plan.active_kinds(t), num_rows=3)
+            injector.set_step(plan.active_kinds(0), num_rows=3)
             out = tiny_unet(sample, t, text)
         assert injector.events == {"conv": 1, "spatial": spatial_events, "temporal": 16}
         return out

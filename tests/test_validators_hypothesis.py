@@ -18,7 +18,7 @@ from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.pipeline import EditSettings
 from anyv2v_core.sampling import check_sampling_settings
-from anyv2v_core.schedule import NoiseSchedule
+from anyv2v_core.diffusion_schedule import DiffusionSchedule
 from anyv2v_core.tiny_models import SCHEDULER_CONFIG
 from anyv2v_core.video import check_size
 from anyv2v_core.windows import ContextWindows
@@ -76,7 +76,7 @@ def test_check_sampling_settings(steps, cfg, start_index):
 
 # ---------------------------------------------------------------------------------------------- check_inversion_steps
 
-SCHEDULE = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)  # 1000 training timesteps, as every backbone
+SCHEDULE = DiffusionSchedule.from_scheduler_config(SCHEDULER_CONFIG)  # 1000 training timesteps, as every backbone
 TRAIN_STEPS = SCHEDULE.num_train_timesteps
 
 

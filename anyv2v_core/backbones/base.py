@@ -14,11 +14,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..diffusion_schedule import TimestepSpacing
+from ..flow_schedule import SigmaSpacing
 from ..schedule import NoiseSchedule
+from ..video import check_size
+
+if TYPE_CHECKING:
+    from ..windows import ContextWindows
 
 
 @dataclass(frozen=True)
@@ -28,14 +34,16 @@ class InjectionLayers:
     conv: convolutions whose output is the residual branch to inject (a resnet's `conv2`).
     spatial_attention / temporal_attention: self-attention modules with `to_q` and `to_k`
     projections; their Q and K (never V) are injected.
+    attention: the joint space-time self-attention modules of a video transformer (`to_q`, `to_k`).
     """
 
-    conv: tuple[str, ...]
-    spatial_attention: tuple[str, ...]
-    temporal_attention: tuple[str, ...]
+    conv: tuple[str, ...] = ()
+    spatial_attention: tuple[str, ...] = ()
+    temporal_attention: tuple[str, ...] = ()
+    attention: tuple[str, ...] = ()
 
     def all_names(self) -> tuple[str, ...]:
-        return self.conv + self.spatial_attention + self.temporal_attention
+        return self.conv + self.spatial_attention + self.temporal_attention + self.attention
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class BackboneDefaults:
     cfg: float
     start_index: int
     negative_prompt: str
+    # the step-count rules of the backbone's noise path, checkable before the model loads
+    spacing: TimestepSpacing | SigmaSpacing = TimestepSpacing()
+    inversion_order: int = 1
+    shift: float | None = None  # sigma shift of a rectified-flow model's schedule (None: not a flow model)
 
 
 class RowCondition:
@@ -76,8 +88,11 @@ class Backbone(ABC):
     # (ConsistI2V: the first frame). Inverted and sampled latents hold only the other frames;
     # `video_latents` puts the condition frames back in front.
     conditioning_frames: int = 0
-    # The reference's edit sampler, sample_edit's default: "ddim" or "ddpm" (SEINE).
-    sampler: str = "ddim"
+    # The reference's edit sampler, sample_edit's default: "ddim" or "ddpm" (SEINE); None where the
+    # schedule has no named samplers (rectified flow: the solver order decides).
+    sampler: str | None = "ddim"
+    # Solver order of inversion and sampling (2: two model calls per step; rectified flow only).
+    inversion_order: int = 1
     # Sampling from start index 0 starts from the inverted latent at the largest inversion target
     # <= this timestep, when set (SEINE's reference starts from its noisiest saved latent, t=997);
     # None: at the first sampling timestep.
@@ -98,6 +113,15 @@ class Backbone(ABC):
         `unconditional` marks the negative row of classifier-free guidance, for models whose
         negative row also drops image information (I2VGen-XL zeroes the CLIP image embedding).
         """
+
+    def check_video_shape(self, num_frames: int, size_wh: tuple[int, int]) -> None:
+        """Raise AnyV2VError when the model cannot take a clip of this many frames at this size."""
+        check_size(size_wh)
+
+    def latent_windows(self, windows: ContextWindows | None) -> ContextWindows | None:
+        """Temporal windows counted in video frames, as windows over the latents' frame axis (the
+        same for per-frame VAEs; a temporally compressing VAE converts them)."""
+        return windows
 
     @abstractmethod
     def encode_video(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..schedule import NoiseSchedule
+from ..diffusion_schedule import DiffusionSchedule
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .checkpoints import load_state_dict_file
 from .consisti2v_unet import ConsistI2VUNet, ConsistI2VUNetConfig
@@ -108,7 +108,7 @@ class ConsistI2VBackbone(Backbone):
             raise ValueError(f"source_branch_first_frame must be one of {SOURCE_BRANCH_FIRST_FRAMES}, "
                              f"got {source_branch_first_frame!r}")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+        self.schedule = DiffusionSchedule.from_scheduler_config(scheduler_config)
         self.scheduler_config = dict(scheduler_config)
         self.frame_stride = FRAME_STRIDE
         self.source_branch_first_frame = source_branch_first_frame

@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..schedule import NoiseSchedule
+from ..diffusion_schedule import DiffusionSchedule
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .vae_frames import decode_latents, encode_frames
 
@@ -75,7 +75,7 @@ class I2VGenXLBackbone(Backbone):
                  scheduler_config: dict, device: torch.device, dtype: torch.dtype) -> None:
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer, self.image_encoder = text_encoder, tokenizer, image_encoder
-        self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+        self.schedule = DiffusionSchedule.from_scheduler_config(scheduler_config)
         self.scheduler_config = dict(scheduler_config)
         crop = clip_image_config.get("crop_size", 224)
         self.clip_size_wh = (crop["width"], crop["height"]) if isinstance(crop, dict) else (int(crop), int(crop))

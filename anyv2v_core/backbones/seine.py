@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..schedule import NoiseSchedule
+from ..diffusion_schedule import DiffusionSchedule
 from .base import Backbone, BackboneDefaults, RowCondition
 from .checkpoints import is_safetensors_file, load_state_dict_file
 from .seine_unet import DEFAULT_INJECTION_LAYERS, SeineUNet3D, SeineUNetConfig
@@ -67,7 +67,7 @@ class SeineBackbone(Backbone):
     def __init__(self, *, unet: SeineUNet3D, vae, text_encoder, tokenizer, scheduler_config: dict,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config, **SCHEDULE_OVERRIDES)
+        self.schedule = DiffusionSchedule.from_scheduler_config(scheduler_config, **SCHEDULE_OVERRIDES)
         self.vae_scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.device, self.dtype = torch.device(device), dtype
