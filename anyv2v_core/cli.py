@@ -36,22 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="edit a video from an edited first frame and a prompt")
-    edit.add_argument("--model", required=True, help="diffusers I2VGen-XL folder or Hugging Face repo id")
+    edit.add_argument("--model", required=True,
+                      help="model folder (diffusers I2VGen-XL, ConsistI2V, Wan 2.1/2.2 image-to-video; SEINE) or repo id")
     edit.add_argument("--video", required=True, type=Path, help="source video file or folder of frames (sorted by name)")
     edit.add_argument("--edited-first-frame", required=True, type=Path, help="the edited first frame (PNG/JPEG)")
     edit.add_argument("--prompt", required=True, help="text describing the edited video")
     edit.add_argument("--out", required=True, type=Path, help="output .mp4")
     edit.add_argument("--negative-prompt", default=None, help="default: the paper's negative prompt")
-    edit.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default 500)")
-    edit.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
-    edit.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 9.0)")
+    edit.add_argument("--inversion-steps", type=int, default=None,
+                      help="inversion steps (default: the model's; 500 for I2VGen-XL, the sampling steps for Wan)")
+    edit.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; 50, Wan 40-50)")
+    edit.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; "
+                                                              "9.0 for I2VGen-XL, 5.0 for Wan 2.1)")
     edit.add_argument("--start-index", type=int, default=None, help="first sampling step (T' in the paper, default 0)")
     edit.add_argument("--conv-tau", type=_tau, default=0.2, help="fraction of steps with conv injection")
     edit.add_argument("--spatial-tau", type=_tau, default=0.2, help="fraction of steps with spatial Q/K injection")
     edit.add_argument("--temporal-tau", type=_tau, default=0.5, help="fraction of steps with temporal Q/K injection")
+    edit.add_argument("--attention-tau", type=_tau, default=0.5,
+                      help="Wan: fraction of steps with Q/K injection in the joint space-time self-attention, which "
+                           "does the work of the UNets' spatial and temporal ones (the conv/spatial/temporal taus "
+                           "do not apply to Wan, this one not to the UNets)")
+    edit.add_argument("--attention-blocks", default="all",
+                      help="Wan: transformer blocks whose self-attention is injected: all, early, late, or indices "
+                           "like 0-9,20")
+    edit.add_argument("--inversion-order", type=int, choices=(1, 2), default=None,
+                      help="Wan: solver order of the inversion and of the matching sampler, 1 = Euler, 2 = midpoint "
+                           "(two model calls per step, far more exact; default 2). UNet backbones invert with DDIM (1)")
+    edit.add_argument("--shift", type=float, default=None,
+                      help="Wan: sigma shift of the noise schedule (default: the official 3.0 for Wan 2.1 at 480p, "
+                           "5.0 for 720p, Wan 2.2)")
     edit.add_argument("--fps", type=int, default=None, help="target_fps micro-condition and output fps (default 8)")
-    edit.add_argument("--frames", type=int, default=None, help="number of source frames to edit (default: all)")
-    edit.add_argument("--size", type=_size, default=None, help="working size WxH, multiples of 8 (default 512x512)")
+    edit.add_argument("--frames", type=int, default=None,
+                      help="number of source frames to edit (default: all; Wan: all that fit 4k + 1)")
+    edit.add_argument("--size", type=_size, default=None,
+                      help="working size WxH, multiples of 8 (Wan 2.1: 16, Wan 2.2 TI2V: 32; default: the model's)")
     edit.add_argument("--resize", choices=("stretch", "crop", "pad"), default="stretch", help="resize policy")
     edit.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
                       help="edit sampler (default: the backbone's reference sampler; SEINE: ddpm)")
@@ -107,7 +125,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
     from .injection import InjectionSettings
     from .loading import backbone_defaults, detect_backbone, load_backbone
-    from .pipeline import EditSettings, edit
+    from .pipeline import EditSettings, clip_frame_count, edit
     from .video import check_output_path, read_frames, read_image, write_video
     from .windows import ContextWindows
 
@@ -119,19 +137,25 @@ def run_edit(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
         start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
-        seed=args.seed, sample_posterior=args.sample_posterior,
+        seed=args.seed, sample_posterior=args.sample_posterior, inversion_order=args.inversion_order,
         windows=None if args.window is None else ContextWindows(args.window, args.window_overlap),
-        injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau),
+        injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau,
+                                    attention_tau=args.attention_tau),
     )
-    local_model = Path(args.model).expanduser()
-    if local_model.is_dir():  # a repo id is checked once downloaded
-        settings.resolved(backbone_defaults(detect_backbone(local_model)))
     frames, _ = read_frames(args.video)
     edited_first_frame = read_image(args.edited_first_frame)
+    local_model = Path(args.model).expanduser()
+    if local_model.is_dir():  # a repo id is checked once downloaded
+        name = detect_backbone(local_model)
+        defaults = backbone_defaults(name)
+        clip_frame_count(settings.resolved(defaults), defaults, name, int(frames.shape[0]))
+    # Wan's load options, passed only when set so that the other backbones refuse them by name
+    wan_options = {key: value for key, value in (("shift", args.shift), ("attention_blocks", args.attention_blocks))
+                   if value not in (None, "all")}
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
-                             offload=args.offload)
+                             offload=args.offload, **wan_options)
     started = time.perf_counter()
     result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
                   progress=_print_progress)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .backbones.base import Backbone, BackboneDefaults
-from .errors import ModelLoadError
+from .errors import AnyV2VError, ModelLoadError
 from .memory import OFFLOAD_POLICIES
 
 logger = logging.getLogger("AnyV2V")
@@ -32,7 +32,9 @@ PIPELINE_CLASSES = {
     "ConditionalAnimationPipeline": "consisti2v",  # TIGER-Lab/ConsistI2V
     "ConditionalVideoEditingPipeline": "consisti2v",  # AnyV2V's copy of it
 }
-BACKBONES = ("i2vgen-xl", "consisti2v", "seine")
+WAN_BACKBONES = ("wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v")
+BACKBONES = ("i2vgen-xl", "consisti2v", "seine", *WAN_BACKBONES)
+WAN_OPTIONS = {"shift", "attention_blocks"}  # load options only Wan backbones take
 
 # component -> (subfolder, weight file stem); tokenizer, feature_extractor and scheduler hold no weights
 I2VGENXL_COMPONENTS = {
@@ -45,7 +47,19 @@ I2VGENXL_COMPONENTS = {
     "scheduler": None,
 }
 CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "feature_extractor": "preprocessor_config.json",
-                "scheduler": "scheduler_config.json"}
+                "image_processor": "preprocessor_config.json", "scheduler": "scheduler_config.json"}
+
+
+def wan_components(folder: Path) -> dict[str, str | None]:
+    """The component folders a Wan folder must hold (the experts and the CLIP parts it declares)."""
+    from .backbones.wan import inspect_wan_folder
+
+    info = inspect_wan_folder(folder, read_model_index(folder))
+    components: dict[str, str | None] = {name: "diffusion_pytorch_model" for name in info.experts}
+    components.update(vae="diffusion_pytorch_model", text_encoder="model", tokenizer=None, scheduler=None)
+    if info.image_encoder:
+        components.update(image_encoder="model", image_processor=None)
+    return components
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -117,6 +131,10 @@ def detect_backbone(folder: Path) -> str:
             f"{folder} is a Stable Diffusion folder, not an image-to-video model. For SEINE, put seine.pt (or the "
             "converted seine.safetensors) in a folder with this one as its stable-diffusion-v1-4/ subfolder"
         )
+    if pipeline_class in ("WanImageToVideoPipeline", "WanPipeline"):
+        from .backbones.wan import inspect_wan_folder
+
+        return inspect_wan_folder(folder, read_model_index(folder)).kind
     if pipeline_class not in PIPELINE_CLASSES:
         raise ModelLoadError(
             f"{folder} holds a {pipeline_class} model; AnyV2V needs an image-to-video backbone "
@@ -125,14 +143,14 @@ def detect_backbone(folder: Path) -> str:
     return PIPELINE_CLASSES[pipeline_class]
 
 
-def pick_variant(folder: Path, variant: str | None, dtype: torch.dtype) -> str | None:
+def pick_variant(folder: Path, variant: str | None, dtype: torch.dtype, denoiser: str = "unet") -> str | None:
     """Resolve variant="auto": the fp16 files where they are all the folder has (the recommended
     download) or where half precision is wanted anyway; else the full-precision files."""
     if variant != "auto":
         return variant
-    unet = folder / "unet"
-    has_full = (unet / "diffusion_pytorch_model.safetensors").is_file()
-    has_fp16 = (unet / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    weights = folder / denoiser / "diffusion_pytorch_model"
+    has_full = any(Path(f"{weights}{suffix}").is_file() for suffix in (".safetensors", ".safetensors.index.json"))
+    has_fp16 = any(Path(f"{weights}.fp16{suffix}").is_file() for suffix in (".safetensors", ".safetensors.index.json"))
     return "fp16" if has_fp16 and (dtype.itemsize == 2 or not has_full) else None
 
 
@@ -172,6 +190,10 @@ def check_components(folder: Path, components: dict[str, str | None], *, variant
 
 def backbone_defaults(name: str) -> BackboneDefaults:
     """The reference settings of a backbone, without loading any weights."""
+    if name in WAN_BACKBONES:
+        from .backbones.wan import WAN_DEFAULTS
+
+        return WAN_DEFAULTS[name]
     if name == "consisti2v":
         from .backbones.consisti2v import DEFAULTS
     elif name == "seine":
@@ -197,7 +219,7 @@ def load_backbone(
     `backbone` is detected from model_index.json unless given; `variant` "auto" reads the fp16
     files where the folder has only those or half precision is asked for; `offload` is a policy of
     `memory.py` ("none", "model", "sequential"); `options` go to that backbone's loader
-    (ConsistI2V: source_branch_first_frame="edited"|"source").
+    (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=..., attention_blocks="all"|...).
     """
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -208,6 +230,9 @@ def load_backbone(
     name = detect_backbone(folder) if backbone == "auto" else backbone
     if name not in BACKBONES:
         raise ModelLoadError(f"backbone {name!r} is not supported; use one of: {', '.join(BACKBONES)}")
+    if name not in WAN_BACKBONES and set(options) & WAN_OPTIONS:
+        raise ModelLoadError(f"{', '.join(sorted(set(options) & WAN_OPTIONS))} apply to Wan (rectified-flow) models; "
+                             f"{folder} holds {name}")
     load_device = device if offload == "none" else torch.device("cpu")  # offloaded weights never all sit on the GPU
     try:
         if name == "consisti2v":
@@ -222,6 +247,14 @@ def load_backbone(
             if layout is None:
                 raise ModelLoadError(f"{folder} holds no seine.pt or seine.safetensors; put the SEINE checkpoint there")
             loaded = load_seine(*layout, dtype=torch_dtype, device=load_device, allow_pickle=allow_pickle, **options)
+        elif name in WAN_BACKBONES:
+            from .backbones.wan import load_wan
+
+            variant = pick_variant(folder, variant, torch_dtype, denoiser="transformer")
+            only_safetensors = check_components(folder, wan_components(folder), variant=variant,
+                                                allow_pickle=allow_pickle)
+            loaded = load_wan(folder, read_model_index(folder), dtype=torch_dtype, device=load_device, variant=variant,
+                              use_safetensors=True if only_safetensors else None, **options)
         else:
             from .backbones.i2vgen_xl import I2VGenXLBackbone
 
@@ -230,7 +263,7 @@ def load_backbone(
             # None lets diffusers/transformers prefer safetensors per component and fall back to the allowed pickles
             loaded = I2VGenXLBackbone.from_folder(folder, dtype=torch_dtype, device=load_device, variant=variant,
                                                   use_safetensors=True if only_safetensors else None, **options)
-    except ModelLoadError:
+    except AnyV2VError:  # already says what to do
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
@@ -246,7 +279,8 @@ def check_injection_targets(backbone: Backbone, folder: Path) -> None:
     missing = missing_layers(backbone.denoiser, backbone.injection_layers)
     if missing:
         raise ModelLoadError(
-            f"the UNet in {folder} has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-            f"({len(missing)} of the layers AnyV2V injects {backbone.name} features into): its unet/config.json is "
-            f"not {backbone.name}'s architecture (up_block_types, layers_per_block); use the original model's config and weights"
+            f"the denoiser in {folder} has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+            f"({len(missing)} of the layers AnyV2V injects {backbone.name} features into): its config is not "
+            f"{backbone.name}'s architecture (a UNet's up_block_types, layers_per_block; a transformer's num_layers); "
+            "use the original model's config and weights"
         )

@@ -16,7 +16,7 @@ from .errors import AnyV2VError
 from .injection import InjectionSettings, check_injection_layers
 from .inversion import Inversion, Progress, invert_video, start_level
 from .sampling import SAMPLERS, check_sampling_settings, sample_edit
-from .video import RESIZE_POLICIES, check_size, prepare_first_frame, prepare_frames
+from .video import RESIZE_POLICIES, check_frames, check_size, prepare_first_frame, prepare_frames
 from .windows import ContextWindows
 
 
@@ -86,8 +86,20 @@ class EditSettings:
             inversion_order=self.inversion_order or d.inversion_order,
         )
         check_sampling_settings(settings.steps, settings.cfg, settings.start_index)
+        if settings.sampler is not None and settings.sampler not in d.samplers:
+            raise AnyV2VError(f"sampler {settings.sampler!r} does not apply to this model; "
+                              + (f"use one of {', '.join(d.samplers)}" if d.samplers else
+                                 "it samples with the solver of its inversion order (--inversion-order)"))
         d.spacing.check_inversion_steps(settings.inversion_steps, settings.steps, settings.inversion_order)
         return settings
+
+
+def clip_frame_count(settings: EditSettings, defaults: BackboneDefaults, name: str, available: int) -> int:
+    """How many source frames an edit with resolved `settings` uses (all that the model's frame
+    rule admits, unless a count is set), checked with the size against the model's rules."""
+    count = settings.num_frames if settings.num_frames is not None else defaults.usable_frame_count(available)
+    defaults.check_clip(name, count, settings.size_wh)
+    return count
 
 
 @dataclass
@@ -112,7 +124,9 @@ def edit(
     `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
     s = settings.resolved(backbone.defaults)
     check_injection_layers(backbone.denoiser, s.injection.layers or backbone.injection_layers)
-    frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=s.num_frames)
+    available = int(check_frames(source_frames, "source frames", min_frames=2).shape[0])
+    num_frames = clip_frame_count(s, backbone.defaults, backbone.name, available)
+    frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=num_frames)
     first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize,
                                       source_wh=(int(source_frames.shape[-2]), int(source_frames.shape[-3])))
     sampling_done = s.inversion_steps + s.steps - s.start_index

@@ -1,8 +1,8 @@
-"""A tiny random-weight I2VGen-XL written as a diffusers folder, built in-process for tests and
-benchmarks (no download needed).
+"""Tiny random-weight models written as diffusers folders, built in-process for tests and
+benchmarks (no download needed): I2VGen-XL, and the three Wan image-to-video layouts.
 
-Same block structure as the real model (so the default injection layers exist), a few hundred
-kB of weights, the real scheduler config, a byte-level CLIP tokenizer with no merges.
+Same block structure as the real models (so the default injection layers exist), a few hundred
+kB of weights, the real scheduler configs, tokenizers with one token per character.
 """
 
 from __future__ import annotations
@@ -108,6 +108,102 @@ def build_tiny_i2vgenxl(folder: Path, *, seed: int = 0) -> Path:
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX))
+    return folder
+
+
+WAN_KINDS = ("wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v")
+WAN_TEXT_DIM = 16
+WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "num_train_timesteps": 1000,
+                        "prediction_type": "flow_prediction", "use_flow_sigmas": True}
+
+
+def write_character_tokenizer(folder: Path, max_length: int = 512) -> None:
+    """A fast tokenizer with one token per printable ASCII character and </s> at the end, as
+    `AutoTokenizer` loads Wan's UMT5 tokenizer (pad 0, </s> 1, unk 2)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_length)
+    fast.save_pretrained(folder)
+
+
+def _randomise_zeros(module: torch.nn.Module) -> None:
+    """diffusers zero-initialises some output layers; random values make every layer matter in tests."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(0, 0.05)
+
+
+def tiny_wan_transformer(kind: str, *, seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    latent_channels = 8 if kind == "wan2.2-ti2v" else 16
+    image_input = kind == "wan2.1-i2v"
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        # I2V: noisy latents + 4 mask channels + first-frame video latents; TI2V: the latents alone
+        in_channels=latent_channels if kind == "wan2.2-ti2v" else 2 * latent_channels + 4,
+        out_channels=latent_channels, text_dim=WAN_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=4,
+        image_dim=16 if image_input else None, added_kv_proj_dim=24 if image_input else None,
+    )
+    _randomise_zeros(transformer)
+    return transformer
+
+
+def build_tiny_wan(folder: Path, kind: str = "wan2.1-i2v", *, seed: int = 0) -> Path:
+    """A tiny random Wan diffusers folder of `kind` (see WAN_KINDS): Wan 2.1 I2V (CLIP image input,
+    36-channel transformer), Wan 2.2 I2V A14B (two experts built from different seeds, boundary
+    0.9), Wan 2.2 TI2V (a patchifying VAE with 16x spatial compression, expand_timesteps)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    if kind not in WAN_KINDS:
+        raise ValueError(f"kind must be one of {WAN_KINDS}, got {kind!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_wan_transformer(kind, seed=seed).save_pretrained(folder / "transformer")
+    model_index = {"_class_name": "WanImageToVideoPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                   "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                   "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    if kind == "wan2.2-i2v-a14b":
+        tiny_wan_transformer(kind, seed=seed + 1).save_pretrained(folder / "transformer_2")
+        model_index.update(boundary_ratio=0.9, transformer_2=["diffusers", "WanTransformer3DModel"])
+    torch.manual_seed(seed)
+    if kind == "wan2.2-ti2v":
+        model_index.update(_class_name="WanPipeline", expand_timesteps=True)
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                               scale_factor_spatial=16, latents_mean=[0.1 * i - 0.3 for i in range(8)],
+                               latents_std=[0.5 + 0.1 * i for i in range(8)])
+    else:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               latents_mean=[0.05 * i - 0.4 for i in range(16)],
+                               latents_std=[0.8 + 0.1 * i for i in range(16)])
+    vae.save_pretrained(folder / "vae")
+    text = UMT5Config(vocab_size=98, d_model=WAN_TEXT_DIM, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    UMT5EncoderModel(text).save_pretrained(folder / "text_encoder")
+    write_character_tokenizer(folder / "tokenizer")
+    if kind == "wan2.1-i2v":
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=32, patch_size=16)
+        CLIPVisionModel(vision).save_pretrained(folder / "image_encoder")
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            folder / "image_processor")
+        model_index.update(image_encoder=["transformers", "CLIPVisionModel"],
+                           image_processor=["transformers", "CLIPImageProcessor"])
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(WAN_SCHEDULER_CONFIG))
+    (folder / "model_index.json").write_text(json.dumps(model_index))
     return folder
 
 

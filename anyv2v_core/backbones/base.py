@@ -20,6 +20,7 @@ import torch
 
 from ..diffusion_schedule import TimestepSpacing
 from ..flow_schedule import SigmaSpacing
+from ..errors import AnyV2VError
 from ..schedule import NoiseSchedule
 from ..video import check_size
 
@@ -48,7 +49,8 @@ class InjectionLayers:
 
 @dataclass(frozen=True)
 class BackboneDefaults:
-    """The reference's settings for this backbone; nodes and the CLI start from these."""
+    """The reference's settings for this backbone and the rules its inputs follow; nodes and the
+    CLI start from these, and check with them before any model loads."""
 
     size_wh: tuple[int, int]
     num_frames: int
@@ -62,6 +64,21 @@ class BackboneDefaults:
     spacing: TimestepSpacing | SigmaSpacing = TimestepSpacing()
     inversion_order: int = 1
     shift: float | None = None  # sigma shift of a rectified-flow model's schedule (None: not a flow model)
+    samplers: tuple[str, ...] = ("ddim", "ddpm")  # named samplers; none for flow models (the order decides)
+    size_multiple: int = 8  # width and height are multiples of this (the VAE's stride times the patch size)
+    frame_stride: int = 1  # frame counts are frame_stride * k + 1 (a temporally compressing VAE's stride)
+
+    def usable_frame_count(self, available: int) -> int:
+        """The most frames of `available` the model takes (all of them unless the frame rule cuts some)."""
+        return (available - 1) // self.frame_stride * self.frame_stride + 1
+
+    def check_clip(self, name: str, num_frames: int, size_wh: tuple[int, int]) -> None:
+        """Raise AnyV2VError unless `name` takes `num_frames` frames at `size_wh`."""
+        check_size(size_wh, self.size_multiple)
+        if (num_frames - 1) % self.frame_stride:
+            fit = max(self.frame_stride + 1, self.usable_frame_count(num_frames))
+            raise AnyV2VError(f"{name} takes {self.frame_stride}k + 1 frames ({self.frame_stride + 1}, "
+                              f"{2 * self.frame_stride + 1}, ..., {self.num_frames}), got {num_frames}; use {fit}")
 
 
 class RowCondition:
@@ -116,7 +133,7 @@ class Backbone(ABC):
 
     def check_video_shape(self, num_frames: int, size_wh: tuple[int, int]) -> None:
         """Raise AnyV2VError when the model cannot take a clip of this many frames at this size."""
-        check_size(size_wh)
+        self.defaults.check_clip(self.name, num_frames, size_wh)
 
     def latent_windows(self, windows: ContextWindows | None) -> ContextWindows | None:
         """Temporal windows counted in video frames, as windows over the latents' frame axis (the
