@@ -107,11 +107,11 @@ class FeatureInjector:
 
 
 def hook_target_names(plan: InjectionPlan) -> list[tuple[str, str]]:
-    """(kind, module name) of every module to hook: the convs, and to_q / to_k of the attentions."""
+    """(kind, module name) of every module to hook: the convs, and the Q / K projections of the attentions."""
     names = []
     for kind in KINDS:
         for name in plan.modules_of(kind):
-            names += [(kind, name)] if kind == "conv" else [(kind, f"{name}.to_q"), (kind, f"{name}.to_k")]
+            names += [(kind, name)] if kind == "conv" else [(kind, f"{name}.{part}") for part in plan.layers.query_key]
     return names
 
 

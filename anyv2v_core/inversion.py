@@ -80,6 +80,7 @@ def invert_video(
     generator: torch.Generator | None = None,
     windows: ContextWindows | None = None,
     order: int | None = None,
+    source_row: RowCondition | None = None,
 ) -> Inversion:
     """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise.
 
@@ -87,6 +88,8 @@ def invert_video(
     from the global RNG; the mean is the deterministic default). `windows` runs every model
     evaluation over temporal context windows (`windows.py`); sampling then uses the same windows.
     `order` is the solver order (None: the backbone's); sampling later uses the same.
+    `source_row` is the source branch's conditioning when the caller built it (a host whose own
+    nodes encode the empty prompt); None: the backbone conditions the first frame and "".
     """
     if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
         raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
@@ -102,7 +105,7 @@ def invert_video(
     keep.add(start_level(backbone, inversion_steps, sampling_steps, order=order))
     num_frames = int(frames.shape[0])
     source_first_frame = frames[:1]
-    source_condition = backbone.condition(source_first_frame, "", num_frames=num_frames, fps=fps)
+    source_condition = source_row or backbone.condition(source_first_frame, "", num_frames=num_frames, fps=fps)
     kept: dict[Level, torch.Tensor] = {}
 
     def evaluate(latents: torch.Tensor, time: float, level: Level) -> torch.Tensor:

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected
 from .inversion import Inversion, Progress, start_level
@@ -77,6 +77,7 @@ def sample_edit(
     seed: int = 0,
     noise: torch.Tensor | None = None,
     keep_source_row: bool = False,
+    edit_rows: tuple[RowCondition, RowCondition] | None = None,
 ) -> torch.Tensor:
     """Edited latents [1, C, F, h, w] float32 from an inversion and an edited first frame [1, H, W, 3].
 
@@ -87,6 +88,9 @@ def sample_edit(
     `seed`, or replays `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
     `keep_source_row` runs the source row at every step, as the reference does; the result is the
     same, at the cost of one more row per step after the last injection window.
+    `edit_rows` (negative row, positive row) are the edit's conditioning when the caller built it
+    (a host whose own nodes encode the prompts); None: the backbone conditions the edited first
+    frame with `negative_prompt` and `prompt`.
     """
     steps = inversion.sampling_steps
     check_sampling_settings(steps, cfg, start_index)
@@ -103,9 +107,12 @@ def sample_edit(
     if noise is not None and len(noise) < noise_draws:
         raise AnyV2VError(f"{len(noise)} replayed noise tensors are too few for {noise_draws} stochastic steps")
 
-    condition_args = dict(num_frames=inversion.num_frames, fps=inversion.fps)
-    uncond = backbone.condition(edited_first_frame, negative_prompt, unconditional=True, **condition_args)
-    cond = backbone.condition(edited_first_frame, prompt, **condition_args)
+    if edit_rows is None:
+        condition_args = dict(num_frames=inversion.num_frames, fps=inversion.fps)
+        uncond = backbone.condition(edited_first_frame, negative_prompt, unconditional=True, **condition_args)
+        cond = backbone.condition(edited_first_frame, prompt, **condition_args)
+    else:
+        uncond, cond = edit_rows
     source = backbone.source_row_for_edit(inversion.source_condition, cond)
 
     if initial_latents is None:

@@ -130,8 +130,11 @@ def on_compute_device(handle) -> Iterator:
     """The handle's backbone running on ComfyUI's device under its offload policy for the block;
     back on the offload device afterwards (also after an error or a cancel) unless the user chose
     to keep it loaded."""
-    free_memory_for_heavy_work()
     backbone = handle.backbone
+    if handle.offload == "comfyui":  # a ComfyUI MODEL: its own model management places it at every call
+        yield backbone
+        return
+    free_memory_for_heavy_work()
     device = compute_device()
     current = getattr(backbone, "offloader", None)
     if current is None or (current.policy, current.device) != (handle.offload, device):

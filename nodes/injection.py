@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .inversion import INVERSION
 
 FEATURES = "ANYV2V_FEATURES"
-LAYER_KINDS = {"conv": "conv", "spatial": "spatial_attention", "temporal": "temporal_attention"}
+LAYER_KINDS = {"conv": "conv", "spatial": "spatial_attention", "temporal": "temporal_attention", "attention": "attention"}
 
 
 @dataclass
@@ -54,7 +54,8 @@ def parse_layer_override(text: str) -> dict[str, tuple[str, ...]]:
         kind, sep, names = line.partition(":")
         kind = kind.strip().lower()
         if not sep or kind not in LAYER_KINDS:
-            raise ValueError(f"layer_override line {number} ({line[:40]!r}) must start with conv:, spatial: or temporal:")
+            raise ValueError(f"layer_override line {number} ({line[:40]!r}) must start with conv:, spatial:, temporal: "
+                             "or attention:")
         if kind in layers:
             raise ValueError(f"layer_override names {kind}: twice (line {number}); put all its modules on one line")
         layers[kind] = tuple(name.strip() for name in names.split(",") if name.strip())
@@ -73,7 +74,8 @@ class CaptureFeatures:
         "self-attention Q and K replace the edit's during the first steps, which carries the source's layout "
         "and motion into the edited video. The sampler computes the source branch in the same batch, so "
         "nothing extra is stored. Paper defaults: conv 0.2, spatial 0.2, temporal 0.5; its examples mostly "
-        "use temporal 1.0, style edits 1.0 for all three, small prompt edits 0.1-0.3."
+        "use temporal 1.0, style edits 1.0 for all three, small prompt edits 0.1-0.3. Wan models have one joint "
+        "attention instead: attention_tau (0.5; raise it when layout or motion drift)."
     )
     CATEGORY = "AnyV2V/sampling"
     RETURN_TYPES = (FEATURES,)
@@ -99,7 +101,13 @@ class CaptureFeatures:
                     "default": "", "multiline": True,
                     "tooltip": "Advanced. Empty = the paper's layers for this model. One line per kind to replace, e.g. "
                                "'spatial: up_blocks.1.attentions.1.transformer_blocks.0.attn1, ...' "
-                               "(conv: resnet conv modules; spatial/temporal: attention modules with to_q/to_k)."}),
+                               "(conv: resnet conv modules; spatial/temporal/attention: attention modules with Q/K "
+                               "projections, e.g. 'attention: transformer.blocks.0.attn1' for a Wan folder)."}),
+                # after layer_override: saved UI workflows list widget values in this order
+                "attention_tau": tau_input(0.5, "the joint space-time self-attention Q/K of a video transformer (Wan) "
+                                                "are injected; it carries both layout and motion, the work of the UNets' "
+                                                "spatial and temporal taus, which do nothing on Wan (and this one nothing "
+                                                "on the UNets)."),
             },
         }
 
@@ -111,7 +119,7 @@ class CaptureFeatures:
             return str(error)
         return True
 
-    def plan(self, inversion, conv_tau, spatial_tau, temporal_tau, start_index, layer_override=""):
+    def plan(self, inversion, conv_tau, spatial_tau, temporal_tau, start_index, layer_override="", attention_tau=0.5):
         from anyv2v_core.errors import AnyV2VError
         from anyv2v_core.injection import InjectionSettings
 
@@ -119,7 +127,8 @@ class CaptureFeatures:
         if start_index >= steps:
             raise AnyV2VError(f"start_index {start_index} must be below the {steps} sampling steps the inversion was "
                               f"made for; use 0..{steps - 1}")
-        settings = InjectionSettings(conv_tau=conv_tau, spatial_tau=spatial_tau, temporal_tau=temporal_tau)
+        settings = InjectionSettings(conv_tau=conv_tau, spatial_tau=spatial_tau, temporal_tau=temporal_tau,
+                                     attention_tau=attention_tau)
         return (FeaturePlan(source=inversion, injection=settings, start_index=start_index,
                             layer_overrides=parse_layer_override(layer_override)),)
 

@@ -15,8 +15,9 @@ import torch
 from conftest import REPO_ROOT
 
 NODE_IDS = {"LoadI2VBackbone", "AnyV2VSelectFrames", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
-            "FirstFrameEditor"}
-LINK_TYPES = {"IMAGE", "ANYV2V_BACKBONE", "ANYV2V_INVERSION", "ANYV2V_FEATURES"}
+            "FirstFrameEditor", "AnyV2VWanModel", "AnyV2VFlowInvertVideo", "AnyV2VWanSampler"}
+LINK_TYPES = {"IMAGE", "ANYV2V_BACKBONE", "ANYV2V_INVERSION", "ANYV2V_FEATURES", "MODEL", "VAE", "CONDITIONING",
+              "CLIP_VISION_OUTPUT"}
 SIZE, FRAMES, INVERSION_STEPS, STEPS = 32, 6, 10, 5
 PROMPT = "a blue square moving"
 
@@ -411,7 +412,7 @@ def test_inversion_validation(pack):
 def test_capture_features_validation(pack, graph, nodes):
     validate = pack.NODE_CLASS_MAPPINGS["CaptureFeatures"].VALIDATE_INPUTS
     assert validate("") is True and validate("# comment\nspatial: a.b, c.d") is True
-    assert "must start with conv:, spatial: or temporal:" in validate("attn: up_blocks.1")
+    assert "must start with conv:, spatial:, temporal: or attention:" in validate("attn: up_blocks.1")
     assert "twice" in validate("conv: a\nconv: b")
     _, inversion, _ = graph
     with pytest.raises(ValueError, match=f"start_index {STEPS} must be below the {STEPS} sampling steps"):
@@ -452,8 +453,15 @@ def ui_to_api(pack, ui: dict) -> dict:
         if node["type"] == "Note":
             continue
         names = widget_names(pack, node["type"])
-        assert len(names) == len(node["widgets_values"]), f"{node['type']}: widgets_values do not match its widgets"
-        inputs = {name: value for name, value in zip(names, node["widgets_values"]) if name is not None}
+        values = list(node["widgets_values"])
+        # a workflow saved before a node gained trailing optional widgets has fewer values; the
+        # frontend gives those widgets their defaults
+        assert len(values) <= len(names), f"{node['type']}: more widgets_values than widgets"
+        if len(values) < len(names):
+            optional = pack.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES().get("optional", {})
+            assert all(name in optional for name in names[len(values):]), f"{node['type']}: required widgets missing"
+            values += [optional[name][1]["default"] for name in names[len(values):]]
+        inputs = {name: value for name, value in zip(names, values) if name is not None}
         for slot in node["inputs"]:
             if slot["link"] is not None:
                 _, source, source_slot, target, _, _ = links[slot["link"]]

@@ -33,15 +33,17 @@ class InjectionLayers:
     """Module names (as in `unet.named_modules()`) whose outputs the source row overwrites.
 
     conv: convolutions whose output is the residual branch to inject (a resnet's `conv2`).
-    spatial_attention / temporal_attention: self-attention modules with `to_q` and `to_k`
-    projections; their Q and K (never V) are injected.
-    attention: the joint space-time self-attention modules of a video transformer (`to_q`, `to_k`).
+    spatial_attention / temporal_attention: self-attention modules with Q and K projections
+    (named by `query_key`); their Q and K (never V) are injected.
+    attention: the joint space-time self-attention modules of a video transformer.
     """
 
     conv: tuple[str, ...] = ()
     spatial_attention: tuple[str, ...] = ()
     temporal_attention: tuple[str, ...] = ()
     attention: tuple[str, ...] = ()
+    # the Q and K projections inside an attention module: diffusers' names, or ComfyUI's native Wan's ("q", "k")
+    query_key: tuple[str, str] = ("to_q", "to_k")
 
     def all_names(self) -> tuple[str, ...]:
         return self.conv + self.spatial_attention + self.temporal_attention + self.attention
