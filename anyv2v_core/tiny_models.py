@@ -142,21 +142,74 @@ def _randomise_zeros(module: torch.nn.Module) -> None:
                 parameter.normal_(0, 0.05)
 
 
-def tiny_wan_transformer(kind: str, *, seed: int):
+def tiny_wan_transformer(kind: str, *, seed: int, comfyui_dims: bool = False):
+    """A tiny WanTransformer3DModel of `kind`. `comfyui_dims`: the widths ComfyUI assumes when it reads
+    a Wan file (128 per head, 256 time frequencies, 4096-wide text, 1280-wide CLIP image tokens,
+    the Wan VAEs' 16 / 48 latent channels), so that its UNETLoader builds the same network."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    latent_channels = 8 if kind == "wan2.2-ti2v" else 16
     image_input = kind == "wan2.1-i2v"
+    if comfyui_dims:
+        latent_channels = 48 if kind == "wan2.2-ti2v" else 16
+        dims = dict(num_attention_heads=1, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=256,
+                    num_layers=2, image_dim=1280 if image_input else None, added_kv_proj_dim=128 if image_input else None)
+    else:
+        latent_channels = 8 if kind == "wan2.2-ti2v" else 16
+        dims = dict(num_attention_heads=2, attention_head_dim=12, text_dim=WAN_TEXT_DIM, freq_dim=16, ffn_dim=32,
+                    num_layers=4, image_dim=16 if image_input else None, added_kv_proj_dim=24 if image_input else None)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        patch_size=(1, 2, 2), out_channels=latent_channels,
         # I2V: noisy latents + 4 mask channels + first-frame video latents; TI2V: the latents alone
-        in_channels=latent_channels if kind == "wan2.2-ti2v" else 2 * latent_channels + 4,
-        out_channels=latent_channels, text_dim=WAN_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=4,
-        image_dim=16 if image_input else None, added_kv_proj_dim=24 if image_input else None,
-    )
+        in_channels=latent_channels if kind == "wan2.2-ti2v" else 2 * latent_channels + 4, **dims)
     _randomise_zeros(transformer)
     return transformer
+
+
+# diffusers' Wan transformer names -> the original Wan (and ComfyUI) names; first match wins
+WAN_ORIGINAL_NAMES = (
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn1.norm_q", "self_attn.norm_q"), ("attn1.norm_k", "self_attn.norm_k"),
+    ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"), ("attn2.to_v", "cross_attn.v"),
+    ("attn2.to_out.0", "cross_attn.o"), ("attn2.norm_q", "cross_attn.norm_q"), ("attn2.norm_k", "cross_attn.norm_k"),
+    ("attn2.add_k_proj", "cross_attn.k_img"), ("attn2.add_v_proj", "cross_attn.v_img"),
+    ("attn2.norm_added_k", "cross_attn.norm_k_img"),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
+    ("norm2.", "norm3."),  # the cross-attention norm: norm2 in diffusers, norm3 in the original
+    ("scale_shift_table", "modulation"),
+)
+
+
+def original_wan_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers Wan transformer's weights under the original Wan key names, the single-file
+    layout ComfyUI's Load Diffusion Model reads."""
+    state = {}
+    for key, value in transformer.state_dict().items():
+        name = "head.modulation" if key == "scale_shift_table" else key
+        for diffusers_name, original_name in WAN_ORIGINAL_NAMES:
+            if diffusers_name in name and name != "head.modulation":
+                name = name.replace(diffusers_name, original_name)
+                break
+        state[name] = value.detach().clone().contiguous()
+    return state
+
+
+def write_tiny_comfyui_wan(path: Path, kind: str = "wan2.1-i2v", *, seed: int = 0) -> Path:
+    """A tiny Wan diffusion model file in ComfyUI's single-file layout (models/diffusion_models)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original_wan_state_dict(tiny_wan_transformer(kind, seed=seed, comfyui_dims=True)), str(path))
+    return path
 
 
 def build_tiny_wan(folder: Path, kind: str = "wan2.1-i2v", *, seed: int = 0) -> Path:

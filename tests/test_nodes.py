@@ -434,6 +434,9 @@ CORE_WIDGETS = {  # widget names of the core nodes the example workflows use (No
     "LoadVideo": ["file", None], "GetVideoComponents": [], "CreateVideo": ["fps"],
     "SaveVideo": ["filename_prefix", "format", "codec"], "LoadImage": ["image", None],
     "SaveImage": ["filename_prefix"], "PreviewImage": [], "Note": [None],
+    "UNETLoader": ["unet_name", "weight_dtype"], "ModelSamplingSD3": ["shift"], "CLIPLoader": ["clip_name", "type", "device"],
+    "VAELoader": ["vae_name"], "CLIPVisionLoader": ["clip_name"], "CLIPTextEncode": ["text"], "CLIPVisionEncode": ["crop"],
+    "VAEDecode": [],
 }
 
 
@@ -471,16 +474,29 @@ def ui_to_api(pack, ui: dict) -> dict:
     return api
 
 
-@pytest.mark.parametrize("name", ["anyv2v_prompt_edit.json", "anyv2v_external_first_frame.json"])
+EXAMPLE_WORKFLOWS = {  # workflow -> (our nodes it must use, a file name its note must give)
+    "anyv2v_prompt_edit.json": ({"LoadI2VBackbone", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
+                                 "FirstFrameEditor"}, "ali-vilab/i2vgen-xl"),
+    "anyv2v_external_first_frame.json": ({"LoadI2VBackbone", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
+                                          "FirstFrameEditor"}, "ali-vilab/i2vgen-xl"),
+    "anyv2v_wan21_i2v.json": ({"AnyV2VWanModel", "AnyV2VFlowInvertVideo", "CaptureFeatures", "AnyV2VWanSampler",
+                               "FirstFrameEditor"}, "wan2.1_i2v_480p_14B_fp16.safetensors"),
+    "anyv2v_wan22_ti2v.json": ({"AnyV2VWanModel", "AnyV2VFlowInvertVideo", "CaptureFeatures", "AnyV2VWanSampler",
+                                "FirstFrameEditor"}, "wan2.2_ti2v_5B_fp16.safetensors"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_WORKFLOWS))
 def test_example_workflows(pack, name):
     ui = json.loads((REPO_ROOT / "workflows" / name).read_text())
     api = json.loads((REPO_ROOT / "workflows" / "api" / name).read_text())
     assert {key: {"class_type": n["class_type"], "inputs": n["inputs"]} for key, n in api.items()} == ui_to_api(pack, ui)
     used = {node["type"] for node in ui["nodes"]}
     assert used <= set(pack.NODE_CLASS_MAPPINGS) | set(CORE_WIDGETS), "only core nodes besides ours"
-    assert {"LoadI2VBackbone", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler", "FirstFrameEditor"} <= used
+    ours, model_file = EXAMPLE_WORKFLOWS[name]
+    assert ours <= used
     note = next(node for node in ui["nodes"] if node["type"] == "Note")["widgets_values"][0]
-    assert "ali-vilab/i2vgen-xl" in note
+    assert model_file in note
     for node in api.values():  # every required input of our nodes is set or linked
         if node["class_type"] in pack.NODE_CLASS_MAPPINGS:
             required = pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]
