@@ -235,7 +235,7 @@ def test_first_frame_editor_instruct_pix2pix_runs_on_a_tiny_model(pack, nodes, h
                                                                    monkeypatch):
     build_tiny_instruct_pix2pix(tmp_path / "tiny-ip2p")
     monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
-    assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS(SIZE, SIZE, "instruct-pix2pix", "tiny-ip2p")
+    assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS("instruct-pix2pix", "tiny-ip2p") is True
     arguments = (source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue", "tiny-ip2p", 3, 1.5, 7.5)
     (edited,) = nodes["FirstFrameEditor"].edit(*arguments, 7)
     assert edited.shape == (1, SIZE, SIZE, 3) and edited.dtype == torch.float32
@@ -393,19 +393,28 @@ def test_loader_without_models_says_how_to_get_one(pack, monkeypatch):
 
 
 def test_inversion_validation(pack):
-    def validate(width, height, inversion_steps, sampling_steps, window_length=0, window_overlap=4):
-        return pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS(
-            width, height, inversion_steps, sampling_steps, window_length, window_overlap)
-
-    assert validate(512, 512, 500, 50) is True and validate(512, 512, 100, 50) is True
-    assert "multiples of 8" in validate(500, 512, 500, 50)
-    message = validate(512, 512, 30, 50)
+    validate = pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS
+    assert validate(500, 50) is True and validate(100, 50) is True
+    message = validate(30, 50)
     assert "inversion steps do not reach" in message and "use an inversion step count among" in message
-    assert "between 1 and 1000" in validate(512, 512, 0, 50)
-    assert validate(None, 512, None, 50) is True  # linked inputs are checked when the graph runs
-    assert validate(512, 512, 500, 50, 16, 4) is True
-    assert "window overlap must be in 0..7" in validate(512, 512, 500, 50, 8, 8)
-    assert "at least 2" in validate(512, 512, 500, 50, -1, 0)
+    assert "between 1 and 1000" in validate(0, 50)
+    assert validate(None, 50) is True  # linked inputs are checked when the graph runs
+
+
+@pytest.mark.parametrize("width, window_length, window_overlap, message", [
+    (60, 0, 4, "multiples of 8"), (SIZE, 4, 4, "window overlap must be in 0..3"), (SIZE, 1, 0, "window length")])
+def test_inversion_checks_size_and_windows_before_any_model_work(nodes, graph, source_frames, monkeypatch, width,
+                                                                 window_length, window_overlap, message):
+    """Size and windows are checked when the node runs (VALIDATE_INPUTS takes only the step counts, see the
+    node): the error comes before the node touches the model."""
+    from anyv2v_core.errors import AnyV2VError
+
+    backbone, _, _ = graph
+    monkeypatch.setattr(sys.modules["anyv2v_pack.nodes.host"], "on_compute_device",
+                        lambda handle: pytest.fail("the model was set up before the inputs were checked"))
+    with pytest.raises(AnyV2VError, match=message):
+        nodes["DDIMInvertVideo"].invert(backbone, source_frames, width, SIZE, "stretch", FRAMES, 8, INVERSION_STEPS,
+                                        STEPS, window_length, window_overlap)
 
 
 def test_capture_features_validation(pack, graph, nodes):
@@ -420,11 +429,18 @@ def test_capture_features_validation(pack, graph, nodes):
 
 def test_first_frame_editor_validation(pack, host):
     validate = pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS
-    assert validate(512, 512, "passthrough", "(no diffusers model found)") is True
-    assert "multiples of 8" in validate(512, 100, "passthrough", "x")
-    assert "mode 'sketch' is unknown" in validate(512, 512, "sketch", "x")
-    assert "needs an InstructPix2Pix model" in validate(512, 512, "instruct-pix2pix", "instruct-pix2pix")
-    assert "not StableDiffusionInstructPix2PixPipeline" in validate(512, 512, "instruct-pix2pix", "tiny-i2vgenxl")
+    assert validate("passthrough", "(no diffusers model found)") is True
+    assert validate("passthrough", "tiny-i2vgenxl") is True  # the model is unused in passthrough mode
+    assert "mode 'sketch' is unknown" in validate("sketch", "x")
+    assert "needs an InstructPix2Pix model" in validate("instruct-pix2pix", "instruct-pix2pix")
+    assert "not StableDiffusionInstructPix2PixPipeline" in validate("instruct-pix2pix", "tiny-i2vgenxl")
+
+
+def test_first_frame_editor_checks_the_size_when_it_runs(nodes, source_frames):
+    from anyv2v_core.errors import AnyV2VError
+
+    with pytest.raises(AnyV2VError, match="multiples of 8"):
+        nodes["FirstFrameEditor"].edit(source_frames, SIZE, 100, "stretch", "passthrough", "", "x", 20, 1.5, 7.5, 0)
 
 
 # ---------------------------------------------------------------------------------------------- workflows
