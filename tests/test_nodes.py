@@ -231,27 +231,47 @@ def build_tiny_instruct_pix2pix(folder):
     ).save_pretrained(folder)
 
 
-def test_first_frame_editor_instruct_pix2pix_runs_on_a_tiny_model(pack, nodes, host, source_frames, tmp_path,
-                                                                   monkeypatch):
+def test_first_frame_editor_edits_the_source_first_frame_like_diffusers(pack, nodes, host, source_frames, tmp_path,
+                                                                       monkeypatch):
+    """instruct-pix2pix mode is diffusers' InstructPix2Pix pipeline run on the source's first frame at the
+    working size (8-bit, as an image editor sees it), with the node's settings and seed."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    from anyv2v_core.video import resize_frames
+
     build_tiny_instruct_pix2pix(tmp_path / "tiny-ip2p")
     monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
     assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS("instruct-pix2pix", "tiny-ip2p") is True
-    arguments = (source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue", "tiny-ip2p", 3, 1.5, 7.5)
-    (edited,) = nodes["FirstFrameEditor"].edit(*arguments, 7)
-    assert edited.shape == (1, SIZE, SIZE, 3) and edited.dtype == torch.float32
-    assert 0.0 <= float(edited.min()) and float(edited.max()) <= 1.0
-    assert torch.equal(nodes["FirstFrameEditor"].edit(*arguments, 7)[0], edited), "the same seed gives the same edit"
+    (edited,) = nodes["FirstFrameEditor"].edit(source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue",
+                                               "tiny-ip2p", 3, 1.5, 7.5, 7)
+
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        tmp_path / "tiny-ip2p", safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def diffusers_edit(frame):
+        pixels = (frame[0] * 255).round().to(torch.uint8).numpy()
+        images = pipeline("make it blue", image=Image.fromarray(pixels), num_inference_steps=3, image_guidance_scale=1.5,
+                          guidance_scale=7.5, generator=torch.Generator().manual_seed(7), output_type="np").images
+        return torch.from_numpy(images)
+
+    first_frame = resize_frames(source_frames[:1], (SIZE, SIZE), "stretch")
+    torch.testing.assert_close(edited, diffusers_edit(first_frame), atol=1e-6, rtol=0)
+    assert (edited - diffusers_edit(torch.zeros_like(first_frame))).abs().max() > 0.01, "the edit ignores its input"
     with pytest.raises(ValueError, match="needs an instruction"):
         nodes["FirstFrameEditor"].edit(source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", " ", "tiny-ip2p", 3,
                                        1.5, 7.5, 7)
 
 
-def test_sampler_output_shapes_and_range(pack, nodes, graph, edited_frame):
+def test_sampler_decodes_the_same_frames_in_chunks(pack, nodes, graph, edited_frame):
     backbone, _, features = graph
-    frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
-                                                  9.0, 2, "auto", 0)
-    assert frames.shape == (FRAMES, SIZE, SIZE, 3) and frames.dtype == torch.float32
-    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and fps == 8.0
+    one_at_a_time, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                         9.0, 1, "auto", 0)
+    in_chunks, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                   9.0, 4, "auto", 0)
+    assert fps == 8.0 and one_at_a_time.shape == (FRAMES, SIZE, SIZE, 3)
+    torch.testing.assert_close(in_chunks, one_at_a_time, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- graph vs engine
