@@ -43,9 +43,10 @@ class DenoiserCalls:
 
 
 def injected_names(layers, *kinds: str) -> set[str]:
-    """What injection of `kinds` ("conv", "spatial", "temporal") must overwrite at `layers` (an
-    InjectionLayers): the convs' outputs, and Q and K (never V) of the self-attentions."""
-    attentions = {"spatial": layers.spatial_attention, "temporal": layers.temporal_attention}
+    """What injection of `kinds` ("conv", "spatial", "temporal", "attention") must overwrite at `layers`
+    (an InjectionLayers): the convs' outputs, and Q and K (never V) of the self-attentions."""
+    attentions = {"spatial": layers.spatial_attention, "temporal": layers.temporal_attention,
+                  "attention": layers.attention}
     names = set(layers.conv) if "conv" in kinds else set()
     for kind in set(kinds) & set(attentions):
         names |= {f"{attention}.{projection}" for attention in attentions[kind] for projection in ("to_q", "to_k")}
