@@ -10,7 +10,7 @@ format, from ComfyUI's diffusers folders), for users who have no editing graph.
 from __future__ import annotations
 
 from . import host
-from .inversion import RESIZE_POLICIES, RESIZE_TOOLTIP, check_working_size, size_inputs
+from .inversion import RESIZE_POLICIES, RESIZE_TOOLTIP, size_inputs
 
 PASSTHROUGH, INSTRUCT_PIX2PIX = "passthrough", "instruct-pix2pix"
 MODES = (PASSTHROUGH, INSTRUCT_PIX2PIX)
@@ -75,11 +75,11 @@ class FirstFrameEditor:
             }
         }
 
+    # ComfyUI files a failed VALIDATE_INPUTS under every input the method takes: only mode and model here,
+    # the inputs a model error is about. Width and height get ComfyUI's own min/max checks, each under its
+    # input; the frontend snaps them to their step, and `edit` checks the rest before any model work.
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, mode, model):
-        problem = check_working_size(width, height)
-        if problem:
-            return problem
+    def VALIDATE_INPUTS(cls, mode, model):
         if mode not in MODES:  # ComfyUI leaves the check of a combo that VALIDATE_INPUTS takes to it
             return f"mode {mode!r} is unknown; use {' or '.join(MODES)}"
         if mode == INSTRUCT_PIX2PIX:

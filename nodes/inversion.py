@@ -39,19 +39,6 @@ def size_inputs(default: int = 512) -> dict:
     }
 
 
-def check_working_size(width, height) -> str | None:
-    from anyv2v_core.errors import AnyV2VError
-    from anyv2v_core.video import check_size
-
-    if width is None or height is None:  # linked inputs are only known when the graph runs
-        return None
-    try:
-        check_size((width, height))
-    except AnyV2VError as error:
-        return str(error)
-    return None
-
-
 def check_steps(inversion_steps, sampling_steps) -> str | None:
     """The engine's rule (every sampling timestep must be an inversion target) on the 1000-step
     schedule all supported backbones share; the engine checks it again against the real model."""
@@ -75,20 +62,6 @@ def context_windows(length: int, overlap: int):
     from anyv2v_core.windows import ContextWindows
 
     return ContextWindows(length, overlap) if length else None
-
-
-def check_windows(length, overlap) -> str | None:
-    from anyv2v_core.errors import AnyV2VError
-
-    if length is None or overlap is None:
-        return None
-    if length < 0:
-        return f"window_length must be 0 (off) or at least 2 (got {length})"
-    try:
-        context_windows(length, overlap)
-    except AnyV2VError as error:
-        return str(error)
-    return None
 
 
 class DDIMInvertVideo:
@@ -138,21 +111,23 @@ class DDIMInvertVideo:
             }
         }
 
+    # ComfyUI files a failed VALIDATE_INPUTS under every input the method takes, so it takes only the two
+    # step counts. Width, height and the window widgets get ComfyUI's own min/max checks, each under its
+    # input; the frontend snaps them to their step, and `invert` checks the rest before any model work.
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, inversion_steps, sampling_steps, window_length, window_overlap):
-        return (check_working_size(width, height) or check_steps(inversion_steps, sampling_steps)
-                or check_windows(window_length, window_overlap) or True)
+    def VALIDATE_INPUTS(cls, inversion_steps, sampling_steps):
+        return check_steps(inversion_steps, sampling_steps) or True
 
     def invert(self, backbone, source_frames, width, height, resize, frame_count, fps, inversion_steps,
                sampling_steps, window_length, window_overlap):
         from anyv2v_core.inversion import invert_video
         from anyv2v_core.video import prepare_frames
 
+        windows = context_windows(window_length, window_overlap)
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
         with host.on_compute_device(backbone) as model:
             inversion = invert_video(model, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
-                                     fps=fps, windows=context_windows(window_length, window_overlap),
-                                     progress=host.progress_bar(inversion_steps))
+                                     fps=fps, windows=windows, progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)
         source_wh = (int(source_frames.shape[2]), int(source_frames.shape[1]))
         return (SourceInversion(inversion=inversion, resize=resize, source_wh=source_wh),)

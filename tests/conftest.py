@@ -1,4 +1,7 @@
-"""Shared test fixtures: the parity oracles in ../shared/oracle and offline settings."""
+"""Shared test fixtures: the parity oracles in ../shared/oracle and offline settings.
+
+Outside CI a test that needs ../shared (the oracles, the ComfyUI snapshot) skips where it is
+absent; under CI (CI=true, which .ci/run sets) that is a failure, so CI cannot pass by skipping."""
 
 import os
 from pathlib import Path
@@ -9,14 +12,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ORACLE_ROOT = Path(os.environ.get("ANYV2V_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+SHARED_ROOT = REPO_ROOT.parent / "shared"
+ORACLE_ROOT = Path(os.environ.get("ANYV2V_ORACLE_DIR", SHARED_ROOT / "oracle"))
+UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip the test, or fail it under CI, where everything in ../shared must be present."""
+    if UNDER_CI:
+        pytest.fail(f"{reason} (CI=true: CI must run this test, not skip it)")
+    pytest.skip(reason)
 
 
 def oracle_path(name: str) -> Path:
-    """Folder of one parity oracle (e.g. "anyv2v-i2vgenxl"); skips the test where it is absent."""
+    """Folder of one parity oracle (e.g. "anyv2v-i2vgenxl"); skips the test where it is absent (fails under CI)."""
     path = ORACLE_ROOT / name
     if not path.is_dir():
-        pytest.skip(f"parity oracle {path} is absent (it lives in ../shared/oracle beside the repo)")
+        skip_unless_ci(f"parity oracle {path} is absent (it lives in ../shared/oracle beside the repo)")
     return path
 
 

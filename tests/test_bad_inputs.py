@@ -444,9 +444,9 @@ def load_node(pack, model="tiny-i2vgenxl", repo_id=""):
     return pack.NODE_CLASS_MAPPINGS["LoadI2VBackbone"]().load(model, "fp32", "offload after each node", repo_id)
 
 
-def invert_inputs(width=64, height=64, inversion_steps=100, sampling_steps=50, window_length=0, window_overlap=4):
-    return dict(width=width, height=height, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
-                window_length=window_length, window_overlap=window_overlap)
+def invert_node(pack, width=64, window_length=0, window_overlap=4):
+    return pack_node(pack, "DDIMInvertVideo").invert(load_node(pack)[0], SOURCE, width, 64, "stretch", 4, 8, 10, 5,
+                                                     window_length, window_overlap)
 
 
 ESCAPES = ["../../etc", "/etc", "tiny-i2vgenxl/../../../etc", "..\\..\\etc", "~/../../etc"]
@@ -462,22 +462,21 @@ NODE_CASES = {
     "repo id with a path": (lambda p: validate(p, "LoadI2VBackbone", model="x", repo_id="org/model/../x"),
                             "not a Hugging Face repo id"),
     "instruct-pix2pix model path '../../etc'": (
-        lambda p: validate(p, "FirstFrameEditor", width=64, height=64, mode="instruct-pix2pix", model="../../etc"),
+        lambda p: validate(p, "FirstFrameEditor", mode="instruct-pix2pix", model="../../etc"),
         "not a path out of them"),
-    "inversion: width not a multiple of 8": (lambda p: validate(p, "DDIMInvertVideo", **invert_inputs(width=60)),
-                                             "multiples of 8"),
+    "inversion: width not a multiple of 8 (run)": (lambda p: invert_node(p, width=60), "multiples of 8"),
     "inversion: steps that miss the sampling timesteps": (
-        lambda p: validate(p, "DDIMInvertVideo", **invert_inputs(inversion_steps=30)), "inversion steps do not reach"),
-    "inversion: sampling steps 0": (lambda p: validate(p, "DDIMInvertVideo", **invert_inputs(sampling_steps=0)),
+        lambda p: validate(p, "DDIMInvertVideo", inversion_steps=30, sampling_steps=50), "inversion steps do not reach"),
+    "inversion: sampling steps 0": (lambda p: validate(p, "DDIMInvertVideo", inversion_steps=100, sampling_steps=0),
                                     "between 1 and 1000"),
-    "inversion: window overlap = length": (
-        lambda p: validate(p, "DDIMInvertVideo", **invert_inputs(window_length=8, window_overlap=8)), "window overlap"),
+    "inversion: window overlap = length (run)": (lambda p: invert_node(p, window_length=8, window_overlap=8),
+                                                 "window overlap"),
     "features: a layer_override line of no kind": (
         lambda p: validate(p, "CaptureFeatures", layer_override="attn: up_blocks.1"), "must start with conv:"),
     "select frames: start past the end": (
         lambda p: pack_node(p, "AnyV2VSelectFrames").select(SOURCE, 24.0, 6, 1, 16), "past the end of the video"),
     "first frame editor: an unknown mode": (
-        lambda p: validate(p, "FirstFrameEditor", width=64, height=64, mode="sketch", model="x"), "mode 'sketch' is unknown"),
+        lambda p: validate(p, "FirstFrameEditor", mode="sketch", model="x"), "mode 'sketch' is unknown"),
 }
 
 

@@ -1,7 +1,9 @@
 """The pack inside a real ComfyUI server: load, list, queue the example workflow, validate.
 
-Skipped unless COMFYUI_DIR points at a ComfyUI checkout. COMFYUI_PYTHON is the Python of
-that checkout's environment (default: the interpreter running the tests). Everything the
+COMFYUI_DIR points at a ComfyUI checkout; without it the tests skip, except under CI (CI=true),
+where it defaults to ../shared/comfyui beside the repo and a missing ComfyUI fails them.
+COMFYUI_PYTHON is the Python of that checkout's environment (default: the interpreter running
+the tests); `.ci/run` builds one and sets both. Everything the
 server writes (user data, inputs, outputs, temp files) goes to a tmp folder; the pack and the
 tiny I2VGen-XL oracle model are reached through an extra_model_paths.yaml (`custom_nodes:` and
 `diffusers:` entries), so the ComfyUI checkout is not modified.
@@ -28,16 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, oracle_path
+from conftest import REPO_ROOT, SHARED_ROOT, UNDER_CI, oracle_path, skip_unless_ci
 from test_nodes import build_tiny_instruct_pix2pix
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR") or (str(SHARED_ROOT / "comfyui") if UNDER_CI else None)
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 
-pytestmark = [
-    pytest.mark.comfyui_host,
-    pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)"),
-]
+pytestmark = pytest.mark.comfyui_host
 
 OUR_NODES = ("LoadI2VBackbone", "AnyV2VSelectFrames", "DDIMInvertVideo", "CaptureFeatures", "InjectedSampler",
              "FirstFrameEditor")
@@ -216,9 +215,11 @@ def node_id(prompt: dict, class_type: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = oracle_path("anyv2v-i2vgenxl") / "model"
+    if not COMFYUI_DIR:
+        skip_unless_ci("COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)")
     if not (Path(COMFYUI_DIR) / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py; point it at a ComfyUI checkout")
+    model = oracle_path("anyv2v-i2vgenxl") / "model"
     root = tmp_path_factory.mktemp("comfyui_host")
     (root / "custom_nodes").mkdir()
     (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
@@ -337,30 +338,63 @@ def test_prompt_edit_workflow_runs_the_builtin_first_frame_edit(server):
     assert count == FRAMES and size_wh == (SIZE, SIZE)
 
 
-def test_bad_inputs_are_validation_errors(server):
-    # an InstructPix2Pix model that the host does not have
-    prompt = video_output_only(api_workflow("anyv2v_prompt_edit.json"))
-    prompt[node_id(prompt, "FirstFrameEditor")]["inputs"]["model"] = "instruct-pix2pix"
-    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
-    assert status == 400, answer
-    errors = answer["node_errors"][node_id(prompt, "FirstFrameEditor")]["errors"]
-    print(f"missing InstructPix2Pix model -> HTTP {status}: {errors[0]['details']}")
-    assert errors[0]["type"] == "custom_validation_failed" and "instruct" in errors[0]["details"].lower()
+def error_inputs(answer: dict, node: str) -> set[str]:
+    """The inputs a /prompt refusal files its errors of `node` under (the frontend marks those in red)."""
+    return {error["extra_info"]["input_name"] for error in answer["node_errors"][node]["errors"]}
 
-    # inversion steps that never reach the sampling timesteps
-    prompt = video_output_only(api_workflow("anyv2v_external_first_frame.json"))
-    prompt[node_id(prompt, "DDIMInvertVideo")]["inputs"].update(inversion_steps=3, sampling_steps=5)
+
+def test_bad_inputs_are_validation_errors_under_the_inputs_they_are_about(server):
+    # an InstructPix2Pix model that the host does not have: about the model (and the mode that needs one)
+    prompt = video_output_only(api_workflow("anyv2v_prompt_edit.json"))
+    editor = node_id(prompt, "FirstFrameEditor")
+    prompt[editor]["inputs"]["model"] = "instruct-pix2pix"
     status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
     assert status == 400, answer
-    errors = answer["node_errors"][node_id(prompt, "DDIMInvertVideo")]["errors"]
-    print(f"3 inversion steps for 5 sampling steps -> HTTP {status}: {errors[0]['details']}")
+    errors = answer["node_errors"][editor]["errors"]
+    print(f"missing InstructPix2Pix model -> HTTP {status} under {sorted(error_inputs(answer, editor))}: "
+          f"{errors[0]['details']}")
+    assert errors[0]["type"] == "custom_validation_failed" and "instruct" in errors[0]["details"].lower()
+    assert error_inputs(answer, editor) == {"mode", "model"}
+
+    # inversion steps that never reach the sampling timesteps: about the two step counts
+    prompt = video_output_only(api_workflow("anyv2v_external_first_frame.json"))
+    inverter = node_id(prompt, "DDIMInvertVideo")
+    prompt[inverter]["inputs"].update(inversion_steps=3, sampling_steps=5)
+    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
+    assert status == 400, answer
+    errors = answer["node_errors"][inverter]["errors"]
+    print(f"3 inversion steps for 5 sampling steps -> HTTP {status} under {sorted(error_inputs(answer, inverter))}: "
+          f"{errors[0]['details']}")
     assert "inversion" in errors[0]["details"]
+    assert error_inputs(answer, inverter) == {"inversion_steps", "sampling_steps"}
+
+    # sizes and windows out of range: ComfyUI's own checks, each under its input
+    prompt[inverter]["inputs"].update(inversion_steps=10, width=32, window_overlap=2000)
+    status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
+    assert status == 400, answer
+    assert {(error["type"], error["extra_info"]["input_name"]) for error in answer["node_errors"][inverter]["errors"]} \
+        == {("value_smaller_than_min", "width"), ("value_bigger_than_max", "window_overlap")}
 
     # a model name outside the configured folders
-    prompt[node_id(prompt, "DDIMInvertVideo")]["inputs"].update(inversion_steps=10)
-    prompt[node_id(prompt, "LoadI2VBackbone")]["inputs"]["model"] = "../" + TINY_MODEL
+    prompt[inverter]["inputs"].update(width=SIZE, window_overlap=4)
+    loader = node_id(prompt, "LoadI2VBackbone")
+    prompt[loader]["inputs"]["model"] = "../" + TINY_MODEL
     status, answer = server.post_prompt(prompt, uuid.uuid4().hex)
     assert status == 400, answer
-    errors = answer["node_errors"][node_id(prompt, "LoadI2VBackbone")]["errors"]
+    errors = answer["node_errors"][loader]["errors"]
     print(f"model '../{TINY_MODEL}' -> HTTP {status}: {errors[0]['details']}")
+    assert "model" in error_inputs(answer, loader)
     assert server.process.poll() is None, "the server died on a bad input"
+
+
+def test_a_size_no_widget_can_give_fails_the_inversion_before_it_starts(server):
+    """The frontend snaps width to multiples of 8; an API client can send 100: DDIMInvertVideo then fails
+    with the size error before inverting anything."""
+    prompt = video_output_only(api_workflow("anyv2v_external_first_frame.json"))
+    inverter = node_id(prompt, "DDIMInvertVideo")
+    prompt[inverter]["inputs"]["width"] = 100
+    seen = server.run(prompt)
+    assert seen["error"] is not None, "a width of 100 was inverted"
+    print(f"width 100 -> execution error in {seen['error']['node_type']}: {seen['error']['exception_message']}")
+    assert seen["error"]["node_id"] == inverter and "multiples of 8" in seen["error"]["exception_message"]
+    assert seen["progress"] == 0, "the inversion started"

@@ -8,6 +8,7 @@ from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import FeatureInjector, InjectionPlan, InjectionSettings, has_injection_hooks, injected
 from anyv2v_core.inversion import invert_video
 from anyv2v_core.sampling import sample_edit
+from spies import OverwrittenFeatures, injected_names
 
 STEPS = 10
 INVERSION_STEPS = 20
@@ -73,36 +74,17 @@ def test_all_taus_zero_equals_plain_i2v_sampling(tiny_backbone, inversion, edite
     torch.testing.assert_close(edited, latents, atol=1e-5, rtol=1e-4)
 
 
-def test_each_kind_is_injected_exactly_in_its_window(tiny_backbone, inversion, edited_first_frame, monkeypatch):
-    """Observe the hooked tensors: edit rows equal the source row inside each window and differ outside."""
+def test_each_kind_is_injected_exactly_in_its_window(tiny_backbone, inversion, edited_first_frame):
+    """Observed on the features: at step i the edit rows carry the source row's features of every kind
+    whose window int(steps * tau) is still open, and of no other; the source row runs until the last
+    window closes."""
     settings = InjectionSettings(conv_tau=0.2, spatial_tau=0.4, temporal_tau=0.6)
-    seen = {kind: [] for kind in ("conv", "spatial", "temporal")}  # per hooked tensor: (rows, edit rows == source)
-    make_hook = FeatureInjector.hook_for
-
-    def recording_hook_for(self, kind):
-        inject = make_hook(self, kind)
-
-        def hook(module, inputs, output):
-            result = inject(module, inputs, output)
-            blocks = (output if result is None else result).unflatten(0, (self.num_rows, -1))
-            equal = self.num_rows == 3 and all(torch.equal(block, blocks[0]) for block in blocks[1:])
-            seen[kind].append((self.num_rows, equal))
-            return result
-
-        return hook
-
-    monkeypatch.setattr(FeatureInjector, "hook_for", recording_hook_for)
-    run_edit(tiny_backbone, inversion, edited_first_frame, injection=settings)
-
-    per_call = {"conv": 1, "spatial": 16, "temporal": 16}  # 8 attentions x (Q, K)
-    source_steps = int(STEPS * 0.6)  # the source row stays until the longest window ends
-    for kind, tau in (("conv", 0.2), ("spatial", 0.4), ("temporal", 0.6)):
-        assert len(seen[kind]) == STEPS * per_call[kind]
-        steps = [seen[kind][i * per_call[kind] : (i + 1) * per_call[kind]] for i in range(STEPS)]
-        window = int(STEPS * tau)
-        assert [all(equal for _, equal in step) for step in steps] == [True] * window + [False] * (STEPS - window), kind
-        assert not any(equal for step in steps[window:] for _, equal in step), kind
-        assert [step[0][0] for step in steps] == [3] * source_steps + [2] * (STEPS - source_steps)
+    with OverwrittenFeatures(tiny_backbone.denoiser) as seen:
+        run_edit(tiny_backbone, inversion, edited_first_frame, injection=settings)
+    open_kinds = [[kind for kind in ("conv", "spatial", "temporal") if step < int(STEPS * settings.tau(kind))]
+                  for step in range(STEPS)]
+    assert seen.rows == [3 if kinds else 2 for kinds in open_kinds]
+    assert seen.calls == [injected_names(tiny_backbone.injection_layers, *kinds) for kinds in open_kinds if kinds]
 
 
 def test_hook_copies_the_source_block_into_every_other_block():
@@ -129,10 +111,8 @@ def test_injection_changes_the_result(tiny_backbone, inversion, edited_first_fra
     assert (plain - injected_result).abs().max() > 1e-3
 
 
-def test_start_index_starts_from_the_matching_inverted_latent(tiny_backbone, inversion, edited_first_frame):
-    late = run_edit(tiny_backbone, inversion, edited_first_frame, start_index=STEPS - 1, injection=InjectionSettings(0, 0, 0))
-    early = run_edit(tiny_backbone, inversion, edited_first_frame, start_index=0, injection=InjectionSettings(0, 0, 0))
-    assert not torch.allclose(late, early)
+def test_start_index_past_the_steps_is_refused(tiny_backbone, inversion, edited_first_frame):
+    """(Where sampling starts is observed in test_sampling_behaviour.py.)"""
     with pytest.raises(AnyV2VError, match="start index"):
         run_edit(tiny_backbone, inversion, edited_first_frame, start_index=STEPS)
 

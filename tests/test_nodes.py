@@ -232,27 +232,47 @@ def build_tiny_instruct_pix2pix(folder):
     ).save_pretrained(folder)
 
 
-def test_first_frame_editor_instruct_pix2pix_runs_on_a_tiny_model(pack, nodes, host, source_frames, tmp_path,
-                                                                   monkeypatch):
+def test_first_frame_editor_edits_the_source_first_frame_like_diffusers(pack, nodes, host, source_frames, tmp_path,
+                                                                       monkeypatch):
+    """instruct-pix2pix mode is diffusers' InstructPix2Pix pipeline run on the source's first frame at the
+    working size (8-bit, as an image editor sees it), with the node's settings and seed."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    from anyv2v_core.video import resize_frames
+
     build_tiny_instruct_pix2pix(tmp_path / "tiny-ip2p")
     monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
-    assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS(SIZE, SIZE, "instruct-pix2pix", "tiny-ip2p")
-    arguments = (source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue", "tiny-ip2p", 3, 1.5, 7.5)
-    (edited,) = nodes["FirstFrameEditor"].edit(*arguments, 7)
-    assert edited.shape == (1, SIZE, SIZE, 3) and edited.dtype == torch.float32
-    assert 0.0 <= float(edited.min()) and float(edited.max()) <= 1.0
-    assert torch.equal(nodes["FirstFrameEditor"].edit(*arguments, 7)[0], edited), "the same seed gives the same edit"
+    assert pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS("instruct-pix2pix", "tiny-ip2p") is True
+    (edited,) = nodes["FirstFrameEditor"].edit(source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", "make it blue",
+                                               "tiny-ip2p", 3, 1.5, 7.5, 7)
+
+    pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        tmp_path / "tiny-ip2p", safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def diffusers_edit(frame):
+        pixels = (frame[0] * 255).round().to(torch.uint8).numpy()
+        images = pipeline("make it blue", image=Image.fromarray(pixels), num_inference_steps=3, image_guidance_scale=1.5,
+                          guidance_scale=7.5, generator=torch.Generator().manual_seed(7), output_type="np").images
+        return torch.from_numpy(images)
+
+    first_frame = resize_frames(source_frames[:1], (SIZE, SIZE), "stretch")
+    torch.testing.assert_close(edited, diffusers_edit(first_frame), atol=1e-6, rtol=0)
+    assert (edited - diffusers_edit(torch.zeros_like(first_frame))).abs().max() > 0.01, "the edit ignores its input"
     with pytest.raises(ValueError, match="needs an instruction"):
         nodes["FirstFrameEditor"].edit(source_frames, SIZE, SIZE, "stretch", "instruct-pix2pix", " ", "tiny-ip2p", 3,
                                        1.5, 7.5, 7)
 
 
-def test_sampler_output_shapes_and_range(pack, nodes, graph, edited_frame):
+def test_sampler_decodes_the_same_frames_in_chunks(pack, nodes, graph, edited_frame):
     backbone, _, features = graph
-    frames, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
-                                                  9.0, 2, "auto", 0)
-    assert frames.shape == (FRAMES, SIZE, SIZE, 3) and frames.dtype == torch.float32
-    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and fps == 8.0
+    one_at_a_time, fps = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                         9.0, 1, "auto", 0)
+    in_chunks, _ = nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack),
+                                                   9.0, 4, "auto", 0)
+    assert fps == 8.0 and one_at_a_time.shape == (FRAMES, SIZE, SIZE, 3)
+    torch.testing.assert_close(in_chunks, one_at_a_time, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- graph vs engine
@@ -394,19 +414,28 @@ def test_loader_without_models_says_how_to_get_one(pack, monkeypatch):
 
 
 def test_inversion_validation(pack):
-    def validate(width, height, inversion_steps, sampling_steps, window_length=0, window_overlap=4):
-        return pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS(
-            width, height, inversion_steps, sampling_steps, window_length, window_overlap)
-
-    assert validate(512, 512, 500, 50) is True and validate(512, 512, 100, 50) is True
-    assert "multiples of 8" in validate(500, 512, 500, 50)
-    message = validate(512, 512, 30, 50)
+    validate = pack.NODE_CLASS_MAPPINGS["DDIMInvertVideo"].VALIDATE_INPUTS
+    assert validate(500, 50) is True and validate(100, 50) is True
+    message = validate(30, 50)
     assert "inversion steps do not reach" in message and "use an inversion step count among" in message
-    assert "between 1 and 1000" in validate(512, 512, 0, 50)
-    assert validate(None, 512, None, 50) is True  # linked inputs are checked when the graph runs
-    assert validate(512, 512, 500, 50, 16, 4) is True
-    assert "window overlap must be in 0..7" in validate(512, 512, 500, 50, 8, 8)
-    assert "at least 2" in validate(512, 512, 500, 50, -1, 0)
+    assert "between 1 and 1000" in validate(0, 50)
+    assert validate(None, 50) is True  # linked inputs are checked when the graph runs
+
+
+@pytest.mark.parametrize("width, window_length, window_overlap, message", [
+    (60, 0, 4, "multiples of 8"), (SIZE, 4, 4, "window overlap must be in 0..3"), (SIZE, 1, 0, "window length")])
+def test_inversion_checks_size_and_windows_before_any_model_work(nodes, graph, source_frames, monkeypatch, width,
+                                                                 window_length, window_overlap, message):
+    """Size and windows are checked when the node runs (VALIDATE_INPUTS takes only the step counts, see the
+    node): the error comes before the node touches the model."""
+    from anyv2v_core.errors import AnyV2VError
+
+    backbone, _, _ = graph
+    monkeypatch.setattr(sys.modules["anyv2v_pack.nodes.host"], "on_compute_device",
+                        lambda handle: pytest.fail("the model was set up before the inputs were checked"))
+    with pytest.raises(AnyV2VError, match=message):
+        nodes["DDIMInvertVideo"].invert(backbone, source_frames, width, SIZE, "stretch", FRAMES, 8, INVERSION_STEPS,
+                                        STEPS, window_length, window_overlap)
 
 
 def test_capture_features_validation(pack, graph, nodes):
@@ -421,11 +450,18 @@ def test_capture_features_validation(pack, graph, nodes):
 
 def test_first_frame_editor_validation(pack, host):
     validate = pack.NODE_CLASS_MAPPINGS["FirstFrameEditor"].VALIDATE_INPUTS
-    assert validate(512, 512, "passthrough", "(no diffusers model found)") is True
-    assert "multiples of 8" in validate(512, 100, "passthrough", "x")
-    assert "mode 'sketch' is unknown" in validate(512, 512, "sketch", "x")
-    assert "needs an InstructPix2Pix model" in validate(512, 512, "instruct-pix2pix", "instruct-pix2pix")
-    assert "not StableDiffusionInstructPix2PixPipeline" in validate(512, 512, "instruct-pix2pix", "tiny-i2vgenxl")
+    assert validate("passthrough", "(no diffusers model found)") is True
+    assert validate("passthrough", "tiny-i2vgenxl") is True  # the model is unused in passthrough mode
+    assert "mode 'sketch' is unknown" in validate("sketch", "x")
+    assert "needs an InstructPix2Pix model" in validate("instruct-pix2pix", "instruct-pix2pix")
+    assert "not StableDiffusionInstructPix2PixPipeline" in validate("instruct-pix2pix", "tiny-i2vgenxl")
+
+
+def test_first_frame_editor_checks_the_size_when_it_runs(nodes, source_frames):
+    from anyv2v_core.errors import AnyV2VError
+
+    with pytest.raises(AnyV2VError, match="multiples of 8"):
+        nodes["FirstFrameEditor"].edit(source_frames, SIZE, 100, "stretch", "passthrough", "", "x", 20, 1.5, 7.5, 0)
 
 
 # ---------------------------------------------------------------------------------------------- workflows

@@ -1,0 +1,270 @@
+"""Mutation run: plant known bugs one at a time and check that the fast tests catch each.
+
+Every mutation is a textual patch (file, exact old snippet, new snippet) plus the tests that must
+fail on it. The repository is copied once into a scratch folder (beside a link to ../shared, so
+the oracles resolve as in CI); each bug is applied there alone, its tests run with `CI=true`, and
+the file is restored. The run first checks that every listed test passes on the unmodified copy.
+
+    caught    the tests failed on the bug
+    survived  they passed: a missing test, unless the bug is documented as out of reach here
+    STALE     the old snippet is not (or not exactly once) in its file: the code moved on; update
+              the list. Any STALE, error, baseline failure or undocumented survivor fails the run.
+
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (~25 min on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py --only tau-rounded v-instead-of-k
+    python benchmarks/mutation.py --list
+
+The real-ComfyUI mutation runs where COMFYUI_PYTHON is set (with COMFYUI_DIR, as `.ci/run` sets
+them); elsewhere it is listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 1200
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids that must fail on the bug
+    out_of_reach: str = ""  # why a survivor is expected (the owner of the test that will catch it)
+
+
+SAMPLING = "tests/test_sampling_behaviour.py::"
+ENGINE = "tests/test_engine.py::"
+EDITS = "tests/test_backbone_edits.py::"
+NODES = "tests/test_nodes.py::"
+
+MUTATIONS = [
+    # ------------------------------------------------------------------ the bugs of issue 13's table
+    Mutation("sampler-ignores-windows", "anyv2v_core/sampling.py",
+             "predict_in_windows(backbone, batch, time, rows, inversion.windows)",
+             "predict_in_windows(backbone, batch, time, rows, None)",
+             (SAMPLING + "test_windowed_inversion_and_sampling_run_every_step_in_windows_each_with_the_source_row",)),
+    Mutation("offload-never-moves-to-device", "anyv2v_core/memory.py",
+             "                self.components[name].to(self.device)",
+             "                self.components[name].to(\"cpu\")",
+             ("tests/test_memory.py", NODES + "test_model_offload_policy_gives_the_same_frames"),
+             out_of_reach="issue 12 (helper gpu): on a CPU-only machine every move is a no-op"),
+    Mutation("node-cleanup-skipped", "nodes/host.py",
+             "            backbone.to(offload_device())  # also removes the offload policy's hooks",
+             "            pass",
+             ("tests/test_nodes.py", "tests/test_interrupts.py"),
+             out_of_reach="issue 12 (helper gpu): node cleanup after a cancel or an error"),
+    Mutation("tau-rounded", "anyv2v_core/injection.py",
+             "int(num_steps * settings.tau(kind))", "round(num_steps * settings.tau(kind))",
+             (SAMPLING + "test_tau_windows_truncate_fractional_step_counts",)),
+    Mutation("instruct-pix2pix-black-frame", "nodes/first_frame.py",
+             "pixels = (image[0].clamp(0, 1) * 255)", "pixels = (image[0].clamp(0, 1) * 0)",
+             (NODES + "test_first_frame_editor_edits_the_source_first_frame_like_diffusers",)),
+    Mutation("v-instead-of-k", "anyv2v_core/injection.py",
+             '(kind, f"{name}.to_q"), (kind, f"{name}.to_k")', '(kind, f"{name}.to_q"), (kind, f"{name}.to_v")',
+             (SAMPLING + "test_injection_overwrites_exactly_the_convs_and_the_attention_queries_and_keys",
+              ENGINE + "test_each_kind_is_injected_exactly_in_its_window")),
+    Mutation("negative-row-keeps-image-embedding", "anyv2v_core/backbones/i2vgen_xl.py",
+             "image_embeddings = torch.zeros_like(image_embeddings)", "image_embeddings = image_embeddings.clone()",
+             (SAMPLING + "test_the_negative_row_has_no_image_embedding",)),
+    Mutation("inversion-evaluates-current-timestep", "anyv2v_core/diffusion_schedule.py",
+             "model_output = evaluate(latents, t, t_now)", "model_output = evaluate(latents, t_now, t_now)",
+             (SAMPLING + "test_inversion_runs_the_denoiser_at_each_target_from_the_clean_latents",
+              SAMPLING + "test_inversion_equals_diffusers_inverse_ddim")),
+    Mutation("start-index-ignored", "anyv2v_core/sampling.py",
+             "start_level(backbone, inversion.inversion_steps, steps, start_index, inversion.order)",
+             "start_level(backbone, inversion.inversion_steps, steps, 0, inversion.order)",
+             (SAMPLING + "test_sampling_starts_from_the_inverted_latent_at_the_start_timestep",)),
+    Mutation("image-embedding-keeps-float32", "anyv2v_core/backbones/i2vgen_xl.py",
+             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device, dtype)",
+             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device)",
+             (EDITS + "test_half_precision_edit_is_finite_and_close_to_float32",)),
+    Mutation("decode-chunk-drops-frames", "anyv2v_core/backbones/vae_frames.py",
+             "chunk = frames_latents[start : start + chunk_size]", "chunk = frames_latents[start : start + 1]",
+             (EDITS + "test_decoding_in_chunks_gives_the_frames_of_one_at_a_time",
+              NODES + "test_sampler_decodes_the_same_frames_in_chunks")),
+    # ------------------------------------------------------------------ injection.py
+    Mutation("hook-copies-the-cond-row", "anyv2v_core/injection.py",
+             "return blocks[:1].expand_as(blocks).reshape(output.shape)",
+             "return blocks[-1:].expand_as(blocks).reshape(output.shape)",
+             (ENGINE + "test_hook_copies_the_source_block_into_every_other_block",
+              SAMPLING + "test_injection_overwrites_exactly_the_convs_and_the_attention_queries_and_keys")),
+    Mutation("hooks-left-installed", "anyv2v_core/injection.py",
+             "        for handle in handles:\n            handle.remove()",
+             "        handles.clear()",
+             (ENGINE + "test_unet_is_unpatched_after_success_and_after_an_exception", "tests/test_interrupts.py")),
+    Mutation("injection-with-one-row", "anyv2v_core/injection.py",
+             "self.active = active_kinds if num_rows > 1 else ()", "self.active = active_kinds",
+             (ENGINE + "test_hook_copies_the_source_block_into_every_other_block",)),
+    # ------------------------------------------------------------------ sampling.py
+    Mutation("cfg-from-the-cond-row", "anyv2v_core/sampling.py",
+             "return output_uncond + cfg * (output_cond - output_uncond)",
+             "return output_cond + cfg * (output_cond - output_uncond)",
+             (ENGINE + "test_all_taus_zero_equals_plain_i2v_sampling",)),
+    Mutation("source-row-is-the-current-latent", "anyv2v_core/sampling.py",
+             "batch = torch.cat([inversion.latent_at(level).to(x.device), x, x])",
+             "batch = torch.cat([x, x, x])",
+             (SAMPLING + "test_windowed_inversion_and_sampling_run_every_step_in_windows_each_with_the_source_row",)),
+    Mutation("windows-counted-after-start-index", "anyv2v_core/sampling.py",
+             "enumerate(enumerate(todo, start=start_index), start=1)", "enumerate(enumerate(todo), start=1)",
+             ("tests/test_consisti2v_pipeline.py::test_edit_latents_match_reference",)),
+    # ------------------------------------------------------------------ inversion.py
+    Mutation("inversion-on-the-last-frame", "anyv2v_core/inversion.py",
+             "source_first_frame = frames[:1]", "source_first_frame = frames[-1:]",
+             (SAMPLING + "test_inversion_equals_diffusers_inverse_ddim",)),
+    Mutation("inversion-ignores-windows", "anyv2v_core/inversion.py",
+             "return predict_in_windows(backbone, latents, time, [source_condition], windows)",
+             "return predict_in_windows(backbone, latents, time, [source_condition], None)",
+             (SAMPLING + "test_windowed_inversion_and_sampling_run_every_step_in_windows_each_with_the_source_row",)),
+    Mutation("inversion-with-a-prompt", "anyv2v_core/inversion.py",
+             'backbone.condition(source_first_frame, "", num_frames', 'backbone.condition(source_first_frame, "a", num_frames',
+             (SAMPLING + "test_inversion_equals_diffusers_inverse_ddim",)),
+    # ------------------------------------------------------------------ schedules (schedule.py, diffusion_schedule.py)
+    Mutation("ddim-noise-at-the-wrong-level", "anyv2v_core/diffusion_schedule.py",
+             "return (alpha_target**0.5) * x0 + ((1 - alpha_target) ** 0.5) * eps",
+             "return (alpha_target**0.5) * x0 + ((1 - alpha_x) ** 0.5) * eps",
+             (ENGINE + "test_all_taus_zero_equals_plain_i2v_sampling", SAMPLING + "test_inversion_equals_diffusers_inverse_ddim")),
+    Mutation("v-prediction-sign", "anyv2v_core/diffusion_schedule.py",
+             "return sqrt_a * x - sqrt_1ma * model_output, sqrt_a * model_output + sqrt_1ma * x",
+             "return sqrt_a * x + sqrt_1ma * model_output, sqrt_a * model_output + sqrt_1ma * x",
+             (ENGINE + "test_all_taus_zero_equals_plain_i2v_sampling",)),
+    Mutation("timesteps-without-offset", "anyv2v_core/diffusion_schedule.py",
+             "return [k * ratio + self.steps_offset for k in reversed(range(num_steps))]",
+             "return [k * ratio for k in reversed(range(num_steps))]",
+             (SAMPLING + "test_sampling_starts_from_the_inverted_latent_at_the_start_timestep",)),
+    Mutation("replayed-noise-ignored", "anyv2v_core/schedule.py",
+             "noise = self.replay[self.drawn]", "noise = torch.randn(like.shape, generator=self.generator)",
+             ("tests/test_seine_pipeline.py",)),
+    # ------------------------------------------------------------------ windows.py
+    Mutation("windows-not-normalised", "anyv2v_core/windows.py",
+             "return blended / total[None, None, :, None, None]", "return blended",
+             ("tests/test_windows.py",)),
+    Mutation("window-rows-not-sliced", "anyv2v_core/windows.py",
+             "getattr(row, name)[:, :, start:end]", "getattr(row, name)[:, :, : end - start]",
+             ("tests/test_windows.py::test_window_row_slices_only_frame_fields",)),
+    Mutation("windows-too-few", "anyv2v_core/windows.py",
+             "count = math.ceil((num_frames - self.overlap) / (self.length - self.overlap))",
+             "count = math.ceil(num_frames / self.length)",
+             ("tests/test_windows.py::test_spans_cover_every_frame_and_the_blend_is_a_partition_of_unity",)),
+    # ------------------------------------------------------------------ memory.py
+    Mutation("other-backends-out-of-memory-missed", "anyv2v_core/memory.py",
+             'isinstance(error, RuntimeError) and "out of memory" in str(error).lower())',
+             'isinstance(error, RuntimeError) and False)',
+             ("tests/test_interrupts.py::test_other_backends_out_of_memory_and_other_errors",)),
+    Mutation("release-keeps-offload-hooks", "anyv2v_core/memory.py",
+             "        for handle in self._handles:\n            handle.remove()",
+             "        for handle in self._handles:\n            pass",
+             ("tests/test_memory.py::test_release_removes_every_offload_hook",)),
+    # ------------------------------------------------------------------ the nodes' host glue
+    Mutation("progress-ignores-cancel", "nodes/host.py",
+             "        check_interrupted()\n        if bar is not None:", "        if bar is not None:",
+             ("tests/test_interrupts.py::test_comfyui_cancel_during_the_sampler_nodes_decoding",
+              NODES + "test_cancel_mid_sampling_leaves_the_backbone_unpatched")),
+    Mutation("model-name-may-climb-out", "nodes/host.py",
+             'or os.path.splitdrive(name)[0] or ".." in parts:', "or os.path.splitdrive(name)[0]:",
+             ("tests/test_bad_inputs.py::test_node_paths_never_leave_the_model_folders",)),
+    Mutation("instruct-pix2pix-model-unchecked", "nodes/first_frame.py",
+             "        if mode == INSTRUCT_PIX2PIX:\n            try:", "        if mode == PASSTHROUGH:\n            try:",
+             (NODES + "test_first_frame_editor_validation",)),
+    Mutation("steps-error-under-width", "nodes/inversion.py",
+             "def VALIDATE_INPUTS(cls, inversion_steps, sampling_steps):",
+             "def VALIDATE_INPUTS(cls, width, inversion_steps, sampling_steps):",
+             ("tests/test_comfyui_host.py::test_bad_inputs_are_validation_errors_under_the_inputs_they_are_about",)),
+]
+
+
+def scratch_copy(root: Path) -> Path:
+    """The repository's tracked and unignored files under root/repo, with root/shared linking to ../shared."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    copy = root / "repo"  # an identifier, like a CI checkout folder
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    shared = REPO.parent / "shared"
+    if shared.is_dir():
+        (root / "shared").symlink_to(shared.resolve(), target_is_directory=True)
+    return copy
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
+    env = {**os.environ, "CI": "true", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, time.monotonic() - started, f"timed out after {TIMEOUT_S} s"
+    last_line = ((result.stdout + result.stderr).strip().splitlines() or [""])[-1]
+    return result.returncode, time.monotonic() - started, last_line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name:40} {mutation.path}")
+        return 0
+    if not os.environ.get("COMFYUI_PYTHON"):
+        for mutation in [m for m in chosen if any("test_comfyui_host.py" in test for test in m.tests)]:
+            print(f"not run   {mutation.name}: its test starts a real ComfyUI (set COMFYUI_PYTHON and COMFYUI_DIR)")
+            chosen.remove(mutation)
+
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="anyv2v-mutation-") as scratch:
+        copy = scratch_copy(Path(scratch))
+        stale = []
+        for mutation in chosen:
+            count = (copy / mutation.path).read_text().count(mutation.old)
+            if count != 1:
+                stale.append(mutation)
+                print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        runnable = [m for m in chosen if m not in stale]
+        baseline = tuple(dict.fromkeys(test for m in runnable for test in m.tests))
+        code, seconds, tail = run_tests(copy, baseline)
+        print(f"baseline  {len(baseline)} test targets on the unmodified copy: exit {code} in {seconds:.0f} s {tail}")
+        if code != 0:
+            print("the listed tests must pass on the unmodified code before any mutation means anything")
+            return 1
+        print(f"\n| mutation | file | result | s |\n|---|---|---|---|")
+        for mutation in runnable:
+            path = copy / mutation.path
+            original = path.read_text()
+            path.write_text(original.replace(mutation.old, mutation.new))
+            try:
+                code, seconds, tail = run_tests(copy, mutation.tests)
+            finally:
+                path.write_text(original)
+            if code == 1:
+                result = "caught"
+            elif code == 0:
+                result = f"survived ({mutation.out_of_reach})" if mutation.out_of_reach else "SURVIVED"
+                failed |= not mutation.out_of_reach
+            else:
+                result = f"ERROR (pytest exit {code}: {tail})"
+                failed = True
+            print(f"| {mutation.name} | {mutation.path} | {result} | {seconds:.0f} |", flush=True)
+    return 1 if failed or stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
