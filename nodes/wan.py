@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from . import host
 from .injection import FEATURES
-from .inversion import INVERSION, RESIZE_POLICIES, RESIZE_TOOLTIP, SourceInversion, check_windows, context_windows
+from .inversion import INVERSION, RESIZE_POLICIES, RESIZE_TOOLTIP, SourceInversion, context_windows
 from .loaders import BACKBONE, BackboneHandle
 
 ORDERS = {"2 (midpoint, recommended)": 2, "1 (euler)": 1}
@@ -132,17 +132,13 @@ class AnyV2VFlowInvertVideo:
             },
         }
 
+    # ComfyUI files a VALIDATE_INPUTS refusal under every input the method takes: it takes the frame
+    # count alone; sizes and windows are checked against the model in `invert`, before any model work.
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, frame_count, window_length, window_overlap):
-        for name, value in (("width", width), ("height", height)):
-            if value is not None and value % WAN_SIZE_MULTIPLE:
-                return f"{name} {value} must be a multiple of {WAN_SIZE_MULTIPLE} for Wan (32 for Wan 2.2 TI2V 5B)"
+    def VALIDATE_INPUTS(cls, frame_count):
         if frame_count is not None and (frame_count - 1) % 4:
             return f"frame_count {frame_count} must be 4k + 1 for Wan (e.g. {max(5, (frame_count - 1) // 4 * 4 + 1)})"
-        problem = check_windows(window_length, window_overlap)
-        if problem is None and window_length and ((window_length - 1) % 4 or window_overlap % 4):
-            problem = "window_length must be 4k + 1 and window_overlap a multiple of 4 for Wan (e.g. 33 and 8)"
-        return problem or True
+        return True
 
     def invert(self, backbone, source_frames, width, height, resize, frame_count, fps, steps, order, window_length,
                window_overlap, empty_prompt=None, clip_vision_output=None):
@@ -155,6 +151,8 @@ class AnyV2VFlowInvertVideo:
         if not isinstance(model.schedule, FlowMatchingSchedule):
             raise AnyV2VError(f"backbone: {model.name} is not a rectified-flow model; invert it with DDIMInvertVideo")
         model.check_video_shape(frame_count, (width, height))
+        windows = context_windows(window_length, window_overlap)
+        model.latent_windows(windows)  # refuses windows the model cannot take before the conditioning is encoded
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
         source_row = None
         if backbone.offload == COMFYUI_MANAGED:
@@ -164,7 +162,7 @@ class AnyV2VFlowInvertVideo:
                                            clip_vision_output=clip_vision_output)
         with host.on_compute_device(backbone) as running:
             inversion = invert_video(running, frames, inversion_steps=steps, sampling_steps=steps, fps=fps,
-                                     order=ORDERS[order], windows=context_windows(window_length, window_overlap),
+                                     order=ORDERS[order], windows=windows,
                                      source_row=source_row, progress=host.progress_bar(steps))
         start = inversion.latent_at(start_level(running, steps, steps, order=inversion.order))
         noise = InvertedNoise(running.video_latents(start, inversion.source_condition))
