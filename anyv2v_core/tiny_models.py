@@ -112,6 +112,7 @@ def build_tiny_i2vgenxl(folder: Path, *, seed: int = 0) -> Path:
 
 
 WAN_KINDS = ("wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v")
+WAN_TEXT_TO_VIDEO = "wan2.1-t2v"  # a text-to-video transformer, only for tests of what is refused
 WAN_TEXT_DIM = 16
 WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "num_train_timesteps": 1000,
                         "prediction_type": "flow_prediction", "use_flow_sigmas": True}
@@ -160,8 +161,8 @@ def tiny_wan_transformer(kind: str, *, seed: int, comfyui_dims: bool = False):
                     num_layers=4, image_dim=16 if image_input else None, added_kv_proj_dim=24 if image_input else None)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), out_channels=latent_channels,
-        # I2V: noisy latents + 4 mask channels + first-frame video latents; TI2V: the latents alone
-        in_channels=latent_channels if kind == "wan2.2-ti2v" else 2 * latent_channels + 4, **dims)
+        # I2V: noisy latents + 4 mask channels + first-frame video latents; TI2V, T2V: the latents alone
+        in_channels=latent_channels if kind in ("wan2.2-ti2v", WAN_TEXT_TO_VIDEO) else 2 * latent_channels + 4, **dims)
     _randomise_zeros(transformer)
     return transformer
 

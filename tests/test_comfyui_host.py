@@ -15,6 +15,7 @@ Run: COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/ComfyUI/.venv/bin/pyth
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -146,6 +147,12 @@ class ComfyServer:
         with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def post(self, path: str, body: dict) -> int:
+        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+
     def post_prompt(self, prompt: dict, client_id: str) -> tuple[int, dict]:
         body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
         request = urllib.request.Request(self.base + "/prompt", data=body, headers={"Content-Type": "application/json"})
@@ -155,12 +162,13 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
-    def run(self, prompt: dict) -> dict:
-        """Queue a prompt, follow the websocket until it finishes; returns what was seen."""
+    def run(self, prompt: dict, on_message=None) -> dict:
+        """Queue a prompt, follow the websocket until it finishes; returns what was seen.
+        `on_message(kind, data)` sees every message of the run (e.g. to interrupt it)."""
         client_id = uuid.uuid4().hex
         host, port = self.base.removeprefix("http://").split(":")
         socket_ = MiniWebSocket(host, int(port), f"/ws?clientId={client_id}", timeout=RUN_TIMEOUT_S)
-        seen = {"executed": [], "cached": [], "progress": 0, "error": None}
+        seen = {"executed": [], "cached": [], "progress": 0, "error": None, "interrupted": False}
         try:
             status, answer = self.post_prompt(prompt, client_id)
             assert status == 200, f"/prompt refused the workflow: {json.dumps(answer, indent=1)[:3000]}"
@@ -174,6 +182,8 @@ class ComfyServer:
                 kind, data = message["type"], message.get("data", {})
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
+                if on_message is not None:
+                    on_message(kind, data)
                 if kind == "executed":
                     seen["executed"].append(data["node"])
                 elif kind == "execution_cached":
@@ -182,6 +192,8 @@ class ComfyServer:
                     seen["progress"] += 1
                 elif kind == "execution_error":
                     seen["error"] = data
+                elif kind == "execution_interrupted":
+                    seen["interrupted"] = True
                 elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                     break
             else:
@@ -233,7 +245,14 @@ def server(tmp_path_factory):
     shutil.copyfile(oracle_path("anyv2v-i2vgenxl") / "edited_first_frame.png", base / "input" / "edited_first_frame.png")
     config = root / "extra_model_paths.yaml"
     config.write_text(f"anyv2v_host_test:\n    custom_nodes: {root / 'custom_nodes'}\n    diffusers: {root / 'diffusers'}\n")
+    with running_comfyui(root, base, config) as host:
+        yield host
 
+
+@contextlib.contextmanager
+def running_comfyui(root: Path, base: Path, config: Path):
+    """A ComfyUI server (--cpu) on a free port with `base` as its base directory and `config` as its
+    extra model paths; stopped when the block ends."""
     port = free_port()
     log_path = root / "server.log"
     command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
