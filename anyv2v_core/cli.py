@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     edit.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                       help="GPU memory policy: model = one component on the GPU at a time, sequential = lowest VRAM")
+    edit.add_argument("--rows", choices=("batched", "one-at-a-time"), default="batched",
+                      help="Wan: run the source, negative and positive rows of a step together (faster) or one at a "
+                           "time through each block (a third of the activation memory)")
     edit.add_argument("--decode-chunk-size", type=int, default=1, help="frames decoded at once by the VAE")
     edit.add_argument("--save-latents", type=Path, default=None,
                       help="also write final latents and the inverted start latent (.safetensors)")
@@ -156,6 +159,7 @@ def run_edit(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
                              offload=args.offload, **wan_options)
+    backbone.one_row_at_a_time = args.rows == "one-at-a-time"
     started = time.perf_counter()
     result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
                   progress=_print_progress)

@@ -86,6 +86,10 @@ class FeatureInjector:
         self.active: tuple[str, ...] = ()
         self.num_rows = 1
         self.events: Counter[str] = Counter()  # hook firings per kind, for tests and logs
+        # rows one at a time (`rows_in_sequence`): the row now running, and the source row's
+        # injected tensors of the current block, kept until the edit rows of that block take them
+        self.row: int | None = None
+        self.source_outputs: dict[torch.nn.Module, torch.Tensor] = {}
 
     def set_step(self, active_kinds: tuple[str, ...], num_rows: int) -> None:
         """Call before each UNet call: row 0 of a `num_rows`-row batch is the source branch."""
@@ -96,6 +100,12 @@ class FeatureInjector:
         def copy_source_rows(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
             if kind not in self.active:
                 return None
+            if self.row is not None:
+                if self.row == 0:
+                    self.source_outputs[module] = output
+                    return None
+                self.events[kind] += 1
+                return self.source_outputs[module]
             if output.shape[0] % self.num_rows:
                 raise RuntimeError(f"{kind} injection: batch {output.shape[0]} does not split into {self.num_rows} rows")
             self.events[kind] += 1
@@ -152,6 +162,47 @@ def injected(unet: torch.nn.Module, plan: InjectionPlan) -> Iterator[FeatureInje
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def rows_in_sequence(blocks: list[torch.nn.Module], injector: FeatureInjector) -> Iterator[None]:
+    """Run each of `blocks` on one row of the batch at a time, the source row first, for the block.
+
+    The activations of a block then exist for one row, not three, and the source row's injected
+    Q/K wait in the injector only until the edit rows of the same block have taken them. Every
+    tensor argument whose first axis is the batch is split by row (hidden states, the timestep
+    modulation, the text context); the others (rotary frequencies) are shared. The blocks' own
+    `forward` is restored when the block ends, also on an error or a cancel.
+    """
+    def one_row_at_a_time(forward):
+        def run(*args, **kwargs):
+            rows = injector.num_rows
+            if rows == 1:
+                return forward(*args, **kwargs)
+
+            def row_of(value, row):
+                return value[row:row + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (rows,) else value
+
+            outputs = []
+            try:
+                for row in range(rows):
+                    injector.row = row
+                    outputs.append(forward(*(row_of(a, row) for a in args),
+                                           **{key: row_of(value, row) for key, value in kwargs.items()}))
+            finally:
+                injector.row = None
+                injector.source_outputs.clear()
+            return torch.cat(outputs)
+
+        return run
+
+    try:
+        for block in blocks:
+            block.forward = one_row_at_a_time(block.forward)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
 
 
 def has_injection_hooks(unet: torch.nn.Module) -> bool:

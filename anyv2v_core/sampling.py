@@ -23,7 +23,7 @@ import torch
 
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
-from .injection import InjectionPlan, InjectionSettings, injected
+from .injection import InjectionPlan, InjectionSettings, injected, rows_in_sequence
 from .inversion import Inversion, Progress, start_level
 from .memory import guard_out_of_memory
 from .schedule import Level, NoiseSource
@@ -121,7 +121,10 @@ def sample_edit(
         start = initial_latents
     latents = start.to(backbone.device, torch.float32)
     noise_source = NoiseSource(seed, noise)
-    with torch.inference_mode(), injected(backbone.denoiser, plan) as injector:
+    blocks = backbone.row_blocks() if backbone.one_row_at_a_time else []
+    if backbone.one_row_at_a_time and not blocks:
+        raise AnyV2VError(f"{backbone.name} cannot run its rows one at a time; run them batched")
+    with torch.inference_mode(), injected(backbone.denoiser, plan) as injector, rows_in_sequence(blocks, injector):
         for done, (index, step) in enumerate(enumerate(todo, start=start_index), start=1):
             active = plan.active_kinds(index)
 

@@ -117,6 +117,9 @@ class ComfyWanBackbone(Backbone):
     def set_offload(self, policy: str, device=None) -> None:
         raise AnyV2VError("a ComfyUI MODEL is placed by ComfyUI's model management; it takes no AnyV2V offload policy")
 
+    def row_blocks(self) -> list[torch.nn.Module]:
+        return [block for patcher in self.experts.values() for block in patcher.model.diffusion_model.blocks]
+
     def expert_for(self, sigma: float):
         if self.boundary is None or sigma >= self.boundary:
             return self.experts["transformer"]
@@ -180,7 +183,8 @@ class ComfyWanBackbone(Backbone):
         inversion step) the denoised latent is x itself, so the network's raw velocity is read."""
         patcher = self.expert_for(sigma)
         base = patcher.model
-        comfy.model_management.load_models_gpu([patcher], memory_required=base.memory_required(list(x.shape)))
+        rows_at_once = 1 if self.one_row_at_a_time else x.shape[0]
+        comfy.model_management.load_models_gpu([patcher], memory_required=base.memory_required([rows_at_once, *x.shape[1:]]))
         device = patcher.load_device
         x = x.to(device)
         sigmas = torch.full((x.shape[0],), sigma, device=device)

@@ -205,6 +205,32 @@ def test_injection_hooks_are_removed_after_an_error_and_a_cancel_and_reruns_are_
     assert torch.equal(sample_edit(backbone, inversion, edited, **settings), reference)
 
 
+@pytest.mark.parametrize("kind", ["wan2.2-i2v-a14b", "wan2.2-ti2v"])
+def test_rows_one_at_a_time_give_the_batched_edit(wan, kind):
+    """Each block runs the source row, then the edit rows, one at a time; the injected Q/K of the
+    source wait only for their block; the edit is the batched one, and the blocks come back as they were."""
+    backbone = wan[kind]
+    frames, edited = clip(kind)
+    inversion = invert_video(backbone, frames, inversion_steps=4, sampling_steps=4)
+    settings = dict(prompt="a blue square", negative_prompt="", injection=InjectionSettings(attention_tau=0.5), cfg=3.0)
+    batched = sample_edit(backbone, inversion, edited, **settings)
+    calls = []
+    attention = backbone.row_blocks()[0].attn1  # inside the block, where the rows are split
+    handle = attention.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    backbone.one_row_at_a_time = True
+    try:
+        one_at_a_time = sample_edit(backbone, inversion, edited, **settings)
+    finally:
+        backbone.one_row_at_a_time = False
+        handle.remove()
+    torch.testing.assert_close(one_at_a_time, batched, rtol=0, atol=1e-5)
+    assert calls and set(calls) == {1}  # the block's attention only ever saw one row
+    assert not any("forward" in vars(module) for module in backbone.row_blocks())
+    assert not has_injection_hooks(backbone.denoiser)
+    uninjected = sample_edit(backbone, inversion, edited, **{**settings, "injection": NO_INJECTION})
+    assert not torch.allclose(one_at_a_time, uninjected)  # the injection reached the one-row runs
+
+
 # ---------------------------------------------------------------------------------------------- Wan 2.2 A14B
 
 

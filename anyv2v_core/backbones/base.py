@@ -112,6 +112,9 @@ class Backbone(ABC):
     sampler: str | None = "ddim"
     # Solver order of inversion and sampling (2: two model calls per step; rectified flow only).
     inversion_order: int = 1
+    # Run the rows of a sampling step one at a time through each block (`injection.rows_in_sequence`):
+    # a third of the activation memory, a little slower. Backbones whose `row_blocks` are known only.
+    one_row_at_a_time: bool = False
     # Sampling from start index 0 starts from the inverted latent at the largest inversion target
     # <= this timestep, when set (SEINE's reference starts from its noisiest saved latent, t=997);
     # None: at the first sampling timestep.
@@ -162,6 +165,12 @@ class Backbone(ABC):
         """The network that predicts noise or velocity (a UNet, or a diffusion transformer); the
         injection layers are module names inside it. UNet backbones keep it as `self.unet`."""
         return self.unet
+
+    def row_blocks(self) -> list[torch.nn.Module]:
+        """The repeated blocks of the denoiser that take the batch's rows as their first axis (a
+        transformer's blocks), for running rows one at a time; empty where unsupported (UNets fold
+        frames into the batch axis)."""
+        return []
 
     def source_row_for_edit(self, source: RowCondition, edit: RowCondition) -> RowCondition:
         """The source row's conditioning during injected sampling, from the inversion's source row

@@ -153,6 +153,9 @@ class WanBackbone(Backbone):
             components["image_encoder"] = self.image_encoder
         return components
 
+    def row_blocks(self) -> list[torch.nn.Module]:
+        return [block for transformer in self.transformers.values() for block in transformer.blocks]
+
     def expert_for(self, time: float) -> torch.nn.Module:
         """The transformer that denoises at model time `time`: the high-noise expert from the boundary up."""
         if self.boundary_time is None or time >= self.boundary_time:
