@@ -183,8 +183,10 @@ class ComfyWanBackbone(Backbone):
         inversion step) the denoised latent is x itself, so the network's raw velocity is read."""
         patcher = self.expert_for(sigma)
         base = patcher.model
-        rows_at_once = 1 if self.one_row_at_a_time else x.shape[0]
-        comfy.model_management.load_models_gpu([patcher], memory_required=base.memory_required([rows_at_once, *x.shape[1:]]))
+        if patcher not in comfy.model_management.loaded_models():  # first call, an expert switch, or unloaded since
+            rows_at_once = 1 if self.one_row_at_a_time else x.shape[0]
+            comfy.model_management.load_models_gpu([patcher],
+                                                   memory_required=base.memory_required([rows_at_once, *x.shape[1:]]))
         device = patcher.load_device
         x = x.to(device)
         sigmas = torch.full((x.shape[0],), sigma, device=device)
