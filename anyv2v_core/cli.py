@@ -31,8 +31,10 @@ def _tau(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI's parser; `parser_class` builds it and its subcommands (e.g. one whose errors raise
+    instead of exiting, to parse `edit` options that do not come from the command line)."""
+    parser = parser_class(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="edit a video from an edited first frame and a prompt")
@@ -120,20 +122,13 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {written}")
 
 
-def run_edit(args: argparse.Namespace) -> None:
-    import torch
-
+def edit_settings(args: argparse.Namespace):
+    """The `edit` options as EditSettings."""
     from .injection import InjectionSettings
-    from .loading import backbone_defaults, detect_backbone, load_backbone
-    from .pipeline import EditSettings, clip_frame_count, edit
-    from .video import check_output_path, read_frames, read_image, write_video
+    from .pipeline import EditSettings
     from .windows import ContextWindows
 
-    # checks that need no model, before the model loads
-    check_output_path(args.out, overwrite=args.overwrite)
-    if args.save_latents is not None:
-        check_output_path(args.save_latents, overwrite=args.overwrite)
-    settings = EditSettings(
+    return EditSettings(
         negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
         start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
@@ -142,20 +137,51 @@ def run_edit(args: argparse.Namespace) -> None:
         injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau,
                                     attention_tau=args.attention_tau),
     )
-    frames, _ = read_frames(args.video)
-    edited_first_frame = read_image(args.edited_first_frame)
+
+
+def check_edit_settings(args: argparse.Namespace, settings, frame_count: int | None) -> None:
+    """Check `settings` against the model's defaults and rules without its weights, where the model
+    is a local folder (a repo id is checked once downloaded); with the source's frame count, its
+    frame rules too."""
+    from .loading import backbone_defaults, detect_backbone
+    from .pipeline import clip_frame_count
+
     local_model = Path(args.model).expanduser()
-    if local_model.is_dir():  # a repo id is checked once downloaded
+    if local_model.is_dir():
         name = detect_backbone(local_model)
         defaults = backbone_defaults(name)
-        clip_frame_count(settings.resolved(defaults), defaults, name, int(frames.shape[0]))
+        resolved = settings.resolved(defaults)
+        if frame_count is not None:
+            clip_frame_count(resolved, defaults, name, frame_count)
+
+
+def backbone_options(args: argparse.Namespace) -> dict:
+    """`load_backbone`'s arguments from the `edit` options; the device defaults to cuda where there is one."""
+    import torch
+
     # Wan's load options, passed only when set so that the other backbones refuse them by name
     wan_options = {key: value for key, value in (("shift", args.shift), ("attention_blocks", args.attention_blocks))
                    if value not in (None, "all")}
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
-                             offload=args.offload, **wan_options)
+    return dict(source=args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
+                offload=args.offload, **wan_options)
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    from .loading import load_backbone
+    from .pipeline import edit
+    from .video import check_output_path, read_frames, read_image, write_video
+
+    # checks that need no model, before the model loads
+    check_output_path(args.out, overwrite=args.overwrite)
+    if args.save_latents is not None:
+        check_output_path(args.save_latents, overwrite=args.overwrite)
+    settings = edit_settings(args)
+    frames, _ = read_frames(args.video)
+    edited_first_frame = read_image(args.edited_first_frame)
+    check_edit_settings(args, settings, int(frames.shape[0]))
+
+    backbone = load_backbone(**backbone_options(args))
     started = time.perf_counter()
     result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
                   progress=_print_progress)
