@@ -1,4 +1,4 @@
-"""Command line: `python -m anyv2v_core edit | convert | demo`.
+"""Command line: `python -m anyv2v_core edit | batch | convert | demo`.
 
 On bad input the CLI prints one line, "error: <what is wrong and how to fix it>", and exits with
 status 2 (3 when the accelerator ran out of memory), without a traceback. Every check that needs
@@ -91,6 +91,22 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                       help="also write final latents and the inverted start latent (.safetensors)")
     edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    batch = commands.add_parser("batch", help="run many edits from a JSON-lines file, resumable, optionally on Ray")
+    batch.add_argument("jobs", type=Path, help="JSON lines, one edit each: the edit options as keys (model, video, "
+                       "edited_first_frame, prompt, steps, ...); see docs/batch.md")
+    batch.add_argument("--out", required=True, type=Path,
+                       help="results folder: <out>/<job id>/ per job, failures.jsonl, inversions/")
+    batch.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                       help="run on Ray actors: auto joins this machine's cluster or starts one, ADDRESS joins a cluster")
+    batch.add_argument("--workers", type=int, default=None,
+                       help="Ray actors, each holding a loaded model (default: one per GPU, else one per CPU slot)")
+    batch.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="GPUs each actor reserves (default: 1 on a cluster with GPUs, else 0; 0.5 shares a GPU by two)")
+    batch.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves; also its torch threads")
+    batch.add_argument("--retries", type=int, default=2, help="runs of a job again after its worker died")
+    batch.add_argument("--no-inversion-cache", action="store_true",
+                       help="keep inversions in memory only, not in <out>/inversions (disk cost: docs/batch.md)")
+
     demo = commands.add_parser("demo", help="offline demo: a real edit on the shipped toy backbone (CPU, seconds)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for source.mp4, edited.mp4, strip.png")
     demo.add_argument("--seed", type=int, default=0, help="which held-out toy clip to edit")
@@ -120,6 +136,21 @@ def run_convert(args: argparse.Namespace) -> None:
     entry = args.entry if args.entry is not None else ("ema" if args.src.name.lower().startswith("seine") else None)
     written = convert_checkpoint_to_safetensors(args.src, args.dst, entry=entry, overwrite=args.overwrite)
     print(f"wrote {written}")
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch.runner import run_batch as batch
+
+    if args.ray is None and (args.workers, args.gpus_per_worker) != (None, None):
+        raise AnyV2VError("--workers and --gpus-per-worker need --ray; without it the batch runs in this process")
+    if ((args.workers is not None and args.workers < 1) or args.retries < 0 or args.cpus_per_worker <= 0
+            or (args.gpus_per_worker is not None and args.gpus_per_worker < 0)):
+        raise AnyV2VError("--workers must be >= 1, --retries >= 0, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
+    summary = batch(args.jobs, args.out, inversion_cache=None if args.no_inversion_cache else args.out / "inversions",
+                    ray_address=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                    cpus_per_worker=args.cpus_per_worker, retries=args.retries, stream=sys.stderr)
+    print(summary.describe())
+    return 130 if summary.interrupted else 1 if summary.failed or summary.invalid else 0
 
 
 def edit_settings(args: argparse.Namespace):
@@ -211,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             run_edit(args)
+        elif args.command == "batch":
+            return run_batch(args)
         elif args.command == "convert":
             run_convert(args)
         elif args.command == "demo":
