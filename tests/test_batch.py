@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,25 @@ def test_the_batch_command_exit_status_and_summary(inputs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "line 1: error: steps must be an integer >= 1 (got 0)" in captured.err
     assert captured.out.strip() == f"1 jobs: 0 done now, 0 done before, 1 failed (see {out / 'failures.jsonl'})"
+
+
+def test_options_added_for_wan_work_in_a_batch_and_share_an_inversion_only_where_it_is_the_same(tmp_path):
+    from anyv2v_core.tiny_models import build_tiny_wan
+
+    model = build_tiny_wan(tmp_path / "tiny-wan", "wan2.1-i2v")
+    source = moving_square_video(11, 32)
+    write_video(tmp_path / "source.mp4", source, fps=16)
+    write_image(tmp_path / "first.png", source[0].flip(-1))
+    base = {"model": str(model), "video": str(tmp_path / "source.mp4"), "edited_first_frame": str(tmp_path / "first.png"),
+            "prompt": "a blue square", "size": "32x32", "steps": 2, "inversion_steps": 2, "inversion_order": 1,
+            "shift": 5, "attention_blocks": "late"}
+    lines = [base, {**base, "attention_tau": 0.2}, {**base, "shift": 3}, {**base, "inversion_order": 2}]
+    out = tmp_path / "out"
+    summary = run_batch(write_jobs(tmp_path / "jobs.jsonl", lines), out, inversion_cache=out / "inversions", stream=None)
+
+    assert (summary.done, summary.failed) == (4, 0)
+    records = {record["line"]: record for record in map(json.loads, map(Path.read_text, out.glob("*/result.json")))}
+    # the attention tau only steers sampling; the schedule's shift and the solver order change the inversion
+    assert {line: records[line]["inversion"]["origin"] for line in records} == \
+        {1: "computed", 2: "memory", 3: "computed", 4: "computed"}
+    assert {records[line]["frames"] for line in records} == {9}  # 11 source frames -> 4k + 1

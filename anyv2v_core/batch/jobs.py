@@ -6,8 +6,9 @@ such as sample_posterior, null for an option's default). The `edit` parser itsel
 every option of `python -m anyv2v_core edit` works in a batch and is checked the same way. `out`,
 `save_latents` and `overwrite` are not job keys: the batch writes each result to <out>/<job id>/.
 
-Every check that needs no model runs here, for every line, before any model loads: the options,
-the settings against a local model's defaults, the input files, the model folder. A job's id is
+Every check that needs no model and no decoded video runs here, for every line, before any model
+loads: the options, the settings against a local model's defaults, the input files, the model
+folder. The model's frame-count rules need the video's frames: they are checked when the job runs. A job's id is
 a hash of the options its line gives, with each input file replaced by a hash of its content and
 local paths made absolute: the same edit has the same id wherever its files are.
 """
@@ -22,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cli import backbone_options, build_parser, edit_settings
+from ..cli import backbone_options, build_parser, check_edit_settings, edit_settings
 from ..errors import AnyV2VError
 from ..loading import REPO_ID, resolve_source
 from ..video import read_image, video_files
@@ -108,6 +109,7 @@ def parse_job(line: str, number: int, parser: argparse.ArgumentParser, file_hash
     settings = edit_settings(args)
     video = video_files(args.video)
     read_image(args.edited_first_frame)
+    check_edit_settings(args, settings, frame_count=None)  # the frame rules are checked when the job runs
     if Path(args.model).exists() or not REPO_ID.match(args.model):  # a repo id is checked where it downloads
         resolve_source(args.model)
 

@@ -122,7 +122,7 @@ class EditWorker:
     def _inversion(self, job: Job, backbone, frames: torch.Tensor, settings: EditSettings):
         """The job's inversion (settings resolved) from memory, the disk cache, or inverted now; with
         its origin and key."""
-        key = inversion_key(video_hash=job.video_hash, model_source=job.options.model, backbone=backbone,
+        key = inversion_key(video_hash=job.video_hash, load_options=backbone_options(job.options), backbone=backbone,
                             settings=settings)
         if key in self.inversions:
             return self.inversions[key], "memory", key

@@ -7,8 +7,8 @@
 - `<out>/failures.jsonl`: the jobs of the latest run that failed, one JSON object per line.
 - `<out>/inversions/<key>.safetensors`: inversions, so a later job, another worker or a later run
   edits the same source without inverting it again. The key covers everything the inversion
-  depends on: the video's content, the model (its folder's files, dtype and device type) and the
-  inversion settings (`inversion_settings`).
+  depends on: the video's content, the model (its folder's files, load options, dtype and device
+  type) and the inversion settings (`inversion_settings`).
 """
 
 from __future__ import annotations
@@ -119,10 +119,12 @@ def model_identity(source: str) -> str:
     return content_hash([[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files])
 
 
-def inversion_key(*, video_hash: str, model_source: str, backbone, settings: EditSettings) -> str:
-    """What an inversion depends on, hashed; `settings` resolved with the backbone's defaults."""
-    return content_hash({"video": video_hash, "model": model_identity(model_source), "backbone": backbone.name,
-                         "dtype": str(backbone.dtype), "device": backbone.device.type,
+def inversion_key(*, video_hash: str, load_options: dict, backbone, settings: EditSettings) -> str:
+    """What an inversion depends on, hashed: `load_options` are load_backbone's arguments (a Wan
+    schedule's shift is one), `settings` are resolved with the backbone's defaults."""
+    options = {name: value for name, value in load_options.items() if name not in ("source", "device")}
+    return content_hash({"video": video_hash, "model": model_identity(load_options["source"]), "options": options,
+                         "backbone": backbone.name, "dtype": str(backbone.dtype), "device": backbone.device.type,
                          "settings": inversion_settings(settings)})
 
 
