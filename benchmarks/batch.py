@@ -14,13 +14,14 @@ inversion steps per sampling step as the paper's 500 : 50.
 3. What the inversion cache costs on disk: this run's file per clip, and an I2VGen-XL clip at its
    defaults (512x512, 16 frames, 50 sampling steps) built from zeros with the real tensor shapes.
 Ray must be installed (requirements-batch.txt). Timings are wall-clock seconds: on a shared
-machine they include the waits for a core.
+machine they include the waits for a core (the load average is printed before and after).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -73,8 +74,9 @@ def make_jobs(folder: Path, model: Path, args) -> list[dict]:
     return jobs
 
 
-def ray_throughput(jobs_file: Path, folder: Path, workers: int, jobs: int) -> tuple[float, float]:
-    """Jobs per minute over the whole run and after every worker's first job."""
+def ray_throughput(jobs_file: Path, folder: Path, workers: int, jobs: int) -> tuple[float, float, float]:
+    """Jobs per minute over the whole run and after every worker's first job, and the mean seconds a
+    job takes inside its worker after the first (it grows when the workers wait for cores)."""
     out = folder / f"out-{workers}-workers"
     ends = EndTimes()
     started = time.perf_counter()
@@ -83,7 +85,9 @@ def ray_throughput(jobs_file: Path, folder: Path, workers: int, jobs: int) -> tu
     total = time.perf_counter() - started
     assert summary.done == jobs and summary.failed == 0, summary.describe()
     steady = (len(ends.times) - workers) / (ends.times[-1] - ends.times[workers - 1])
-    return 60 * jobs / total, 60 * steady
+    job_seconds = [record["timings_s"]["total"] - record["timings_s"]["load"]
+                   for record in map(json.loads, map(Path.read_text, out.glob("*/result.json")))]
+    return 60 * jobs / total, 60 * steady, sum(job_seconds) / len(job_seconds)
 
 
 def invert_once_saving(jobs_file: Path, folder: Path, jobs: list[dict]) -> dict:
@@ -138,6 +142,7 @@ def main() -> None:
     import ray
 
     torch.set_num_threads(1)
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = build_tiny_i2vgenxl(folder / "tiny-i2vgenxl")
@@ -150,9 +155,9 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         per_minute = {workers: ray_throughput(jobs_file, folder, workers, len(jobs)) for workers in (1, 2)}
         ray.shutdown()
-        print("\nRay workers | jobs/min, whole run | jobs/min, after start-up")
-        for workers, (whole, steady) in per_minute.items():
-            print(f"{workers:11d} | {whole:18.1f} | {steady:24.1f}")
+        print("\nRay workers | jobs/min, whole run | jobs/min, after start-up | s per job in its worker")
+        for workers, (whole, steady, job_seconds) in per_minute.items():
+            print(f"{workers:11d} | {whole:18.1f} | {steady:24.1f} | {job_seconds:23.2f}")
         print(f"2 workers / 1: {per_minute[2][0] / per_minute[1][0]:.2f}x whole run, "
               f"{per_minute[2][1] / per_minute[1][1]:.2f}x after start-up")
 
@@ -166,6 +171,7 @@ def main() -> None:
         cached = next((folder / "out-1-workers" / "inversions").glob("*.safetensors"))
         print(f"\ninversion cache per clip: {cached.stat().st_size / 2**20:.2f} MiB here; an I2VGen-XL clip at its "
               f"defaults: {cache_file_mib(i2vgenxl_default_inversion(), folder):.1f} MiB")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
