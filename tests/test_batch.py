@@ -174,3 +174,15 @@ def test_options_added_for_wan_work_in_a_batch_and_share_an_inversion_only_where
     assert {line: records[line]["inversion"]["origin"] for line in records} == \
         {1: "computed", 2: "memory", 3: "computed", 4: "computed"}
     assert {records[line]["frames"] for line in records} == {9}  # 11 source frames -> 4k + 1
+
+
+def test_the_engine_the_cli_and_the_in_process_batch_never_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, anyv2v_core.cli, anyv2v_core.pipeline, anyv2v_core.inversion_store, anyv2v_core.batch.runner; "
+            "print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
