@@ -1,4 +1,4 @@
-"""Command line: `python -m anyv2v_core edit | convert | demo`.
+"""Command line: `python -m anyv2v_core edit | batch | convert | demo`.
 
 On bad input the CLI prints one line, "error: <what is wrong and how to fix it>", and exits with
 status 2 (3 when the accelerator ran out of memory), without a traceback. Every check that needs
@@ -31,8 +31,10 @@ def _tau(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI's parser; `parser_class` builds it and its subcommands (e.g. one whose errors raise
+    instead of exiting, to parse `edit` options that do not come from the command line)."""
+    parser = parser_class(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="edit a video from an edited first frame and a prompt")
@@ -92,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write final latents and the inverted start latent (.safetensors)")
     edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    batch = commands.add_parser("batch", help="run many edits from a JSON-lines file, resumable, optionally on Ray")
+    batch.add_argument("jobs", type=Path, help="JSON lines, one edit each: the edit options as keys (model, video, "
+                       "edited_first_frame, prompt, steps, ...); see docs/batch.md")
+    batch.add_argument("--out", required=True, type=Path,
+                       help="results folder: <out>/<job id>/ per job, failures.jsonl, inversions/")
+    batch.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                       help="run on Ray actors: auto joins this machine's cluster or starts one, ADDRESS joins a cluster")
+    batch.add_argument("--workers", type=int, default=None,
+                       help="Ray actors, each holding a loaded model (default: one per GPU, else one per CPU slot)")
+    batch.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="GPUs each actor reserves (default: 1 on a cluster with GPUs, else 0; 0.5 shares a GPU by two)")
+    batch.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor reserves; also its torch threads")
+    batch.add_argument("--retries", type=int, default=2, help="runs of a job again after its worker died")
+    batch.add_argument("--no-inversion-cache", action="store_true",
+                       help="keep inversions in memory only, not in <out>/inversions (disk cost: docs/batch.md)")
+
     demo = commands.add_parser("demo", help="offline demo: a real edit on the shipped toy backbone (CPU, seconds)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for source.mp4, edited.mp4, strip.png")
     demo.add_argument("--seed", type=int, default=0, help="which held-out toy clip to edit")
@@ -123,20 +141,28 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {written}")
 
 
-def run_edit(args: argparse.Namespace) -> None:
-    import torch
+def run_batch(args: argparse.Namespace) -> int:
+    from .batch.runner import run_batch as batch
 
+    if args.ray is None and (args.workers, args.gpus_per_worker) != (None, None):
+        raise AnyV2VError("--workers and --gpus-per-worker need --ray; without it the batch runs in this process")
+    if ((args.workers is not None and args.workers < 1) or args.retries < 0 or args.cpus_per_worker <= 0
+            or (args.gpus_per_worker is not None and args.gpus_per_worker < 0)):
+        raise AnyV2VError("--workers must be >= 1, --retries >= 0, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
+    summary = batch(args.jobs, args.out, inversion_cache=None if args.no_inversion_cache else args.out / "inversions",
+                    ray_address=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                    cpus_per_worker=args.cpus_per_worker, retries=args.retries, stream=sys.stderr)
+    print(summary.describe())
+    return 130 if summary.interrupted else 1 if summary.failed or summary.invalid else 0
+
+
+def edit_settings(args: argparse.Namespace):
+    """The `edit` options as EditSettings."""
     from .injection import InjectionSettings
-    from .loading import backbone_defaults, detect_backbone, load_backbone
-    from .pipeline import EditSettings, clip_frame_count, edit
-    from .video import check_output_path, read_frames, read_image, write_video
+    from .pipeline import EditSettings
     from .windows import ContextWindows
 
-    # checks that need no model, before the model loads
-    check_output_path(args.out, overwrite=args.overwrite)
-    if args.save_latents is not None:
-        check_output_path(args.save_latents, overwrite=args.overwrite)
-    settings = EditSettings(
+    return EditSettings(
         negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
         fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
         start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
@@ -145,21 +171,51 @@ def run_edit(args: argparse.Namespace) -> None:
         injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau,
                                     attention_tau=args.attention_tau),
     )
-    frames, _ = read_frames(args.video)
-    edited_first_frame = read_image(args.edited_first_frame)
+
+
+def check_edit_settings(args: argparse.Namespace, settings, frame_count: int | None) -> None:
+    """Check `settings` against the model's defaults and rules without its weights, where the model
+    is a local folder (a repo id is checked once downloaded); with the source's frame count, its
+    frame rules too."""
+    from .loading import backbone_defaults, detect_backbone
+    from .pipeline import clip_frame_count
+
     local_model = Path(args.model).expanduser()
-    if local_model.is_dir():  # a repo id is checked once downloaded
+    if local_model.is_dir():
         name = detect_backbone(local_model)
         defaults = backbone_defaults(name)
-        clip_frame_count(settings.resolved(defaults), defaults, name, int(frames.shape[0]))
+        resolved = settings.resolved(defaults)
+        if frame_count is not None:
+            clip_frame_count(resolved, defaults, name, frame_count)
+
+
+def backbone_options(args: argparse.Namespace) -> dict:
+    """`load_backbone`'s arguments from the `edit` options; the device defaults to cuda where there is one."""
+    import torch
+
     # Wan's load options, passed only when set so that the other backbones refuse them by name
     wan_options = {key: value for key, value in (("shift", args.shift), ("attention_blocks", args.attention_blocks))
                    if value not in (None, "all")}
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
-                             offload=args.offload, **wan_options)
-    backbone.one_row_at_a_time = args.rows == "one-at-a-time"
+    return dict(source=args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
+                offload=args.offload, one_row_at_a_time=args.rows == "one-at-a-time", **wan_options)
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    from .loading import load_backbone
+    from .pipeline import edit
+    from .video import check_output_path, read_frames, read_image, write_video
+
+    # checks that need no model, before the model loads
+    check_output_path(args.out, overwrite=args.overwrite)
+    if args.save_latents is not None:
+        check_output_path(args.save_latents, overwrite=args.overwrite)
+    settings = edit_settings(args)
+    frames, _ = read_frames(args.video)
+    edited_first_frame = read_image(args.edited_first_frame)
+    check_edit_settings(args, settings, int(frames.shape[0]))
+
+    backbone = load_backbone(**backbone_options(args))
     started = time.perf_counter()
     result = edit(backbone, frames, edited_first_frame, prompt=args.prompt, settings=settings,
                   progress=_print_progress)
@@ -189,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             run_edit(args)
+        elif args.command == "batch":
+            return run_batch(args)
         elif args.command == "convert":
             run_convert(args)
         elif args.command == "demo":

@@ -212,13 +212,15 @@ def load_backbone(
     allow_pickle: bool = False,
     backbone: str = "auto",
     offload: str = "none",
+    one_row_at_a_time: bool = False,
     **options,
 ) -> Backbone:
     """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode.
 
     `backbone` is detected from model_index.json unless given; `variant` "auto" reads the fp16
     files where the folder has only those or half precision is asked for; `offload` is a policy of
-    `memory.py` ("none", "model", "sequential"); `options` go to that backbone's loader
+    `memory.py` ("none", "model", "sequential"); `one_row_at_a_time` runs the rows of each sampling
+    step one at a time through the transformer's blocks (Wan); `options` go to that backbone's loader
     (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=..., attention_blocks="all"|...).
     """
     device = torch.device(device)
@@ -230,6 +232,8 @@ def load_backbone(
     name = detect_backbone(folder) if backbone == "auto" else backbone
     if name not in BACKBONES:
         raise ModelLoadError(f"backbone {name!r} is not supported; use one of: {', '.join(BACKBONES)}")
+    if one_row_at_a_time and name not in WAN_BACKBONES:
+        raise ModelLoadError(f"{name} cannot run its rows one at a time (the Wan transformers can); run them batched")
     if name not in WAN_BACKBONES and set(options) & WAN_OPTIONS:
         raise ModelLoadError(f"{', '.join(sorted(set(options) & WAN_OPTIONS))} apply to Wan (rectified-flow) models; "
                              f"{folder} holds {name}")
@@ -268,6 +272,7 @@ def load_backbone(
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
     check_injection_targets(loaded, folder)
+    loaded.one_row_at_a_time = one_row_at_a_time
     loaded.set_offload(offload, device)
     return loaded
 

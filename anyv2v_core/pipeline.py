@@ -111,6 +111,29 @@ class EditResult:
     inversion: Inversion
 
 
+def prepare_source(backbone: Backbone, source_frames: torch.Tensor, settings: EditSettings) -> torch.Tensor:
+    """The source frames an edit with resolved `settings` reads, at the working size."""
+    available = int(check_frames(source_frames, "source frames", min_frames=2).shape[0])
+    num_frames = clip_frame_count(settings, backbone.defaults, backbone.name, available)
+    return prepare_frames(source_frames, size_wh=settings.size_wh, resize=settings.resize, num_frames=num_frames)
+
+
+def invert_source(
+    backbone: Backbone,
+    source_frames: torch.Tensor,
+    settings: EditSettings = EditSettings(),
+    progress: Progress | None = None,
+) -> Inversion:
+    """The inversion `edit` starts from: `source_frames` [F, H, W, 3] prepared and inverted with the
+    settings' working size, frames, fps, steps, order and windows. Give it to `edit(inversion=...)`
+    to edit the same source several times with one inversion."""
+    s = settings.resolved(backbone.defaults)
+    frames = prepare_source(backbone, source_frames, s)
+    generator = torch.Generator(backbone.device).manual_seed(s.seed) if s.sample_posterior else None
+    return invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps, fps=s.fps,
+                        progress=progress, generator=generator, windows=s.windows, order=s.inversion_order)
+
+
 def edit(
     backbone: Backbone,
     source_frames: torch.Tensor,
@@ -119,29 +142,46 @@ def edit(
     prompt: str,
     settings: EditSettings = EditSettings(),
     progress: Progress | None = None,
+    inversion: Inversion | None = None,
 ) -> EditResult:
     """Edit a video: the appearance of `edited_first_frame` with the structure and motion of
-    `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size)."""
+    `source_frames` ([F, H, W, 3] and [1, H', W', 3], float 0..1, any size).
+
+    `inversion`: `invert_source(backbone, source_frames, settings)` made earlier, to skip inverting
+    again; None inverts here."""
     s = settings.resolved(backbone.defaults)
     check_injection_layers(backbone.denoiser, s.injection.layers or backbone.injection_layers)
-    available = int(check_frames(source_frames, "source frames", min_frames=2).shape[0])
-    num_frames = clip_frame_count(s, backbone.defaults, backbone.name, available)
-    frames = prepare_frames(source_frames, size_wh=s.size_wh, resize=s.resize, num_frames=num_frames)
+    frames = prepare_source(backbone, source_frames, s)
     first_frame = prepare_first_frame(edited_first_frame, size_wh=s.size_wh, resize=s.resize,
                                       source_wh=(int(source_frames.shape[-2]), int(source_frames.shape[-3])))
-    sampling_done = s.inversion_steps + s.steps - s.start_index
+    if inversion is not None:
+        check_inversion_fits(inversion, backbone, s, int(frames.shape[0]))
+    inversion_done = s.inversion_steps if inversion is None else 0
+    sampling_done = inversion_done + s.steps - s.start_index
     total = sampling_done + frames.shape[0]  # inversion steps, sampling steps, decoded frames
-    generator = torch.Generator(backbone.device).manual_seed(s.seed) if s.sample_posterior else None
 
     def phase(offset: int) -> Progress | None:
         return None if progress is None else (lambda done, _: progress(offset + done, total))
 
-    inversion = invert_video(backbone, frames, inversion_steps=s.inversion_steps, sampling_steps=s.steps,
-                             fps=s.fps, progress=phase(0), generator=generator, windows=s.windows,
-                             order=s.inversion_order)
+    if inversion is None:
+        inversion = invert_source(backbone, frames, s, progress=phase(0))  # preparing frames again changes nothing
     latents = sample_edit(backbone, inversion, first_frame, prompt=prompt, negative_prompt=s.negative_prompt,
                           injection=s.injection, cfg=s.cfg, start_index=s.start_index, sampler=s.sampler,
-                          seed=s.seed, progress=phase(s.inversion_steps))
+                          seed=s.seed, progress=phase(inversion_done))
     start = inversion.latent_at(start_level(backbone, s.inversion_steps, s.steps, s.start_index, s.inversion_order))
     decoded = backbone.decode(latents, s.decode_chunk_size, progress=phase(sampling_done))
     return EditResult(frames=decoded, latents=latents.cpu(), inverted_start=start, fps=s.fps, inversion=inversion)
+
+
+def check_inversion_fits(inversion: Inversion, backbone: Backbone, settings: EditSettings, num_frames: int) -> None:
+    """Refuse an inversion made with other inversion settings than `settings` (resolved)."""
+    made = {"working size": inversion.size_wh, "frame count": inversion.num_frames, "fps": inversion.fps,
+            "inversion steps": inversion.inversion_steps, "sampling steps": inversion.sampling_steps,
+            "inversion order": inversion.order, "windows": inversion.windows}
+    wanted = {"working size": settings.size_wh, "frame count": num_frames, "fps": settings.fps,
+              "inversion steps": settings.inversion_steps, "sampling steps": settings.steps,
+              "inversion order": settings.inversion_order, "windows": backbone.latent_windows(settings.windows)}
+    differ = [f"{name} {made[name]} (asked: {wanted[name]})" for name in made if made[name] != wanted[name]]
+    if differ:
+        raise AnyV2VError(f"the inversion was made with other settings: {', '.join(differ)}; invert the source "
+                          "again with these settings (invert_source)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -141,15 +142,24 @@ def prepare_first_frame(image: torch.Tensor, *, size_wh: tuple[int, int], resize
 # ---------------------------------------------------------------------------------------------- file I/O
 
 
-def read_frames(path: str | os.PathLike) -> tuple[torch.Tensor, float | None]:
-    """Frames [F, H, W, 3] and fps (None for an image folder) from a video file or a folder of images."""
+def video_files(path: str | os.PathLike) -> list[Path]:
+    """The files `read_frames` reads for a video source: the video file, or a folder's images sorted by name."""
     path = Path(path)
     if not path.exists():
         raise AnyV2VError(f"video {path} does not exist; pass a video file or a folder of frames")
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AnyV2VError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the frames there")
+    return files
+
+
+def read_frames(path: str | os.PathLike) -> tuple[torch.Tensor, float | None]:
+    """Frames [F, H, W, 3] and fps (None for an image folder) from a video file or a folder of images."""
+    files = video_files(path)
+    path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise AnyV2VError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the frames there")
         return torch.stack([read_image(p)[0] for p in files]), None
     import cv2
 
@@ -206,11 +216,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
 def _write_atomically(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename, so a failure never leaves half a
     file and never touches an existing `path`. OSErrors (disk full, permissions) become AnyV2VError."""
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    tmp_name = str(path.parent / f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
+    try:  # not mkstemp: its files are private (0600); this one gets the user's umask like any new file
+        os.close(os.open(tmp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as error:
         raise AnyV2VError(f"cannot write in {path.parent} ({error.strerror}); choose another output path") from None
-    os.close(fd)
     try:
         write(tmp_name)
         os.replace(tmp_name, path)
