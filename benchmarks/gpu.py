@@ -1,14 +1,18 @@
-"""Peak GPU memory and time per phase of an AnyV2V edit with the real I2VGen-XL architecture.
+"""Peak GPU memory and time per phase of an AnyV2V edit with a real architecture (I2VGen-XL or Wan).
 
-    python benchmarks/gpu.py                    # 500 inversion / 50 sampling steps, as the reference
+    python benchmarks/gpu.py                    # I2VGen-XL, 500 inversion / 50 sampling steps, as the reference
     python benchmarks/gpu.py --quick            # 50 / 25 steps
     python benchmarks/gpu.py --offload model --frames 16 64
+    python benchmarks/gpu.py --model wan2.1-i2v --dtype bf16 --offload none --rows batched one-at-a-time
     python benchmarks/gpu.py --device cpu --tiny --inversion-steps 4 --steps 2   # the same code path, on a CPU
+    python benchmarks/gpu.py --device cpu --tiny --model wan2.2-ti2v --frames 9 --steps 2 --inversion-steps 2
 
-The networks are I2VGen-XL's published architecture (`i2vgenxl_configs.json`) with random
-weights, built on the execution device: speed and memory do not depend on the weight values, so
-no download is needed. For each offload policy and frame count, one edit at 512x512 runs phase by
-phase as the ComfyUI nodes run it (inversion, injected sampling, decode); each phase reports its
+The networks are the published architectures (`i2vgenxl_configs.json`, `wan_configs.json`: Wan 2.1
+I2V 14B with its UMT5-XXL and CLIP ViT-H encoders, Wan 2.2 I2V A14B's two experts, Wan 2.2 TI2V 5B)
+with random weights, built on the execution device (the Wan VAE in float32, as the engine runs it): speed and memory do not depend on the weight values, so
+no download is needed. For each offload policy, rows mode (Wan) and frame count, one edit at the
+model's size (I2VGen-XL 512x512, Wan its default) runs phase by phase as the nodes run it (inversion,
+injected sampling, decode) at the model's default settings; each phase reports its
 time and the peak memory allocated on the device during it (`torch.cuda.max_memory_allocated`,
 reset before the phase; weights resident on the device count). Frame counts longer than the
 window run twice: all frames at once (the reference's approach) and in temporal context windows.
@@ -37,14 +41,16 @@ from overhead import markdown, peak_rss_mib, reset_peak_rss  # noqa: E402  (benc
 from anyv2v_core.backbones.i2vgen_xl import I2VGenXLBackbone  # noqa: E402
 from anyv2v_core.errors import AnyV2VError, AnyV2VOutOfMemory  # noqa: E402
 from anyv2v_core.injection import InjectionSettings  # noqa: E402
-from anyv2v_core.inversion import check_inversion_steps, invert_video  # noqa: E402
+from anyv2v_core.inversion import invert_video  # noqa: E402
 from anyv2v_core.memory import OFFLOAD_POLICIES  # noqa: E402
 from anyv2v_core.pipeline import EditSettings  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
-from anyv2v_core.tiny_models import moving_square_video, write_tokenizer  # noqa: E402
+from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video, write_character_tokenizer, write_tokenizer  # noqa: E402
 from anyv2v_core.windows import ContextWindows  # noqa: E402
 
 CONFIGS = Path(__file__).with_name("i2vgenxl_configs.json")
+WAN_CONFIGS = Path(__file__).with_name("wan_configs.json")
+MODELS = ("i2vgen-xl", "wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROMPT = "a blue square moving over a gradient"
 GIB = 2**30
@@ -74,6 +80,39 @@ def build_backbone(config: dict, device: torch.device, dtype: torch.dtype, scrat
     return I2VGenXLBackbone(**networks, tokenizer=CLIPTokenizer.from_pretrained(scratch / "tokenizer"),
                             clip_image_config=config["feature_extractor"], scheduler_config=config["scheduler"],
                             device=device, dtype=dtype)
+
+
+def build_wan_backbone(kind: str, config: dict, device: torch.device, dtype: torch.dtype, scratch: Path):
+    """A Wan backbone of the published architecture with random weights, each network initialised on
+    `device` and cast before the next is built. The tokenizer has one token per character."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config,
+                              UMT5EncoderModel)
+
+    from anyv2v_core.backbones.wan import WAN_DEFAULTS, WanBackbone, WanTI2VBackbone
+    from anyv2v_core.flow_schedule import FlowMatchingSchedule
+
+    def built(build, network_dtype):
+        with torch.device(device):
+            network = build()
+        return torch.nn.Module.to(network, network_dtype).eval().requires_grad_(False)
+
+    experts = {name: built(lambda c=expert: WanTransformer3DModel.from_config(c), dtype)
+               for name, expert in config["experts"].items()}
+    vae = built(lambda: AutoencoderKLWan.from_config(config["vae"]), torch.float32)
+    text_encoder = built(lambda: UMT5EncoderModel(UMT5Config(**config["text_encoder"])), dtype)
+    image_encoder = image_processor = None
+    if "image_encoder" in config:
+        image_encoder = built(lambda: CLIPVisionModel(CLIPVisionConfig(**config["image_encoder"])), dtype)
+        image_processor = CLIPImageProcessor(**config["image_processor"])
+    write_character_tokenizer(scratch / "tokenizer")
+    defaults = WAN_DEFAULTS[kind]
+    backbone_class = WanTI2VBackbone if kind == "wan2.2-ti2v" else WanBackbone
+    return backbone_class(name=kind, defaults=defaults, schedule=FlowMatchingSchedule(shift=defaults.shift),
+                          transformers=experts, vae=vae, text_encoder=text_encoder,
+                          tokenizer=AutoTokenizer.from_pretrained(scratch / "tokenizer"), image_encoder=image_encoder,
+                          image_processor=image_processor, boundary_ratio=config.get("boundary_ratio"),
+                          device=device, dtype=dtype)
 
 
 class Meter:
@@ -116,6 +155,7 @@ def edit_phases(backbone, meter: Meter, frames: torch.Tensor, windows: ContextWi
     """{phase: (seconds, peak GiB)} of one edit at the backbone's default settings."""
     d = backbone.defaults
     edited_first_frame = frames[:1].flip(-1)  # stands in for an edited first frame
+    backbone.schedule.check_inversion_steps(inversion_steps, steps, backbone.inversion_order)
     inversion, *inverting = meter.measure(lambda: invert_video(
         backbone, frames, inversion_steps=inversion_steps, sampling_steps=steps, fps=d.fps, windows=windows))
     latents, *sampling = meter.measure(lambda: sample_edit(
@@ -133,15 +173,23 @@ def free_memory(meter: Meter) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="i2vgen-xl")
     parser.add_argument("--offload", nargs="+", choices=OFFLOAD_POLICIES, default=list(OFFLOAD_POLICIES))
-    parser.add_argument("--frames", nargs="+", type=int, default=[16, 32, 64, 128])
-    parser.add_argument("--window", type=int, default=ContextWindows().length,
-                        help="context window length for frame counts above it; 0: all frames at once only")
-    parser.add_argument("--window-overlap", type=int, default=ContextWindows().overlap)
-    parser.add_argument("--quick", action="store_true", help="50 inversion / 25 sampling steps")
-    parser.add_argument("--inversion-steps", type=int, default=None, help="default: 500 (--quick: 50)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps; default: 50 (--quick: 25)")
-    parser.add_argument("--size", type=int, default=None, help="frame width and height; default 512 (--tiny: 32)")
+    parser.add_argument("--rows", nargs="+", choices=("batched", "one-at-a-time"), default=["batched"],
+                        help="Wan: the source, negative and positive rows batched or one at a time per block")
+    parser.add_argument("--frames", nargs="+", type=int, default=None,
+                        help="default: 16 32 64 128 (Wan: its default, 81 or 121)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="context window length for frame counts above it (default: 16; Wan 81 / 121); "
+                             "0: all frames at once only")
+    parser.add_argument("--window-overlap", type=int, default=None, help="default: 4 (Wan: 8)")
+    parser.add_argument("--quick", action="store_true", help="50 inversion / 25 sampling steps (Wan: 10 and 10)")
+    parser.add_argument("--inversion-steps", type=int, default=None,
+                        help="default: 500 (--quick: 50); Wan: the model's default (--quick: 10)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps; default: 50 (--quick: 25); Wan: the model's default (--quick: 10)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="frame width and height; default 512, Wan its default size (--tiny: 32, TI2V 64)")
     parser.add_argument("--decode-chunk-size", type=int, default=EditSettings().decode_chunk_size)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --tiny to check the script")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on a GPU, fp32 on the CPU")
@@ -156,53 +204,77 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU mode checks the code path; one thread leaves a shared machine usable
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    inversion_steps = args.inversion_steps or (50 if args.quick else 500)
-    steps = args.steps or (25 if args.quick else 50)
-    size = args.size or (32 if args.tiny else 512)
-    windows = ContextWindows(args.window, args.window_overlap) if args.window else None
-    config = json.loads(CONFIGS.read_text())["tiny" if args.tiny else "i2vgen-xl"]
-
+    wan = args.model != "i2vgen-xl"
     with tempfile.TemporaryDirectory() as scratch:
-        backbone = build_backbone(config, device, dtype, Path(scratch))
-    check_inversion_steps(backbone, inversion_steps, steps)
+        if not wan:
+            config = json.loads(CONFIGS.read_text())["tiny" if args.tiny else "i2vgen-xl"]
+            backbone = build_backbone(config, device, dtype, Path(scratch))
+        elif args.tiny:
+            from anyv2v_core.loading import load_backbone
+
+            backbone = load_backbone(build_tiny_wan(Path(scratch) / "wan", args.model), dtype=dtype, device=device)
+        else:
+            backbone = build_wan_backbone(args.model, json.loads(WAN_CONFIGS.read_text())[args.model], device, dtype,
+                                          Path(scratch))
+    d = backbone.defaults
+    quick_steps = (10, 10) if wan else (50, 25)
+    inversion_steps = args.inversion_steps or (quick_steps[0] if args.quick else d.inversion_steps)
+    steps = args.steps or (quick_steps[1] if args.quick else d.sampling_steps)
+    size_wh = (args.size, args.size) if args.size else (
+        (d.size_multiple * 2,) * 2 if args.tiny and wan else (32, 32) if args.tiny else d.size_wh)
+    frame_counts = args.frames or ([d.num_frames] if wan else [16, 32, 64, 128])
+    window = d.num_frames if args.window is None and wan else ContextWindows().length if args.window is None else args.window
+    overlap = args.window_overlap if args.window_overlap is not None else (8 if wan else ContextWindows().overlap)
+    windows = ContextWindows(window, overlap) if window else None
     meter = Meter(device)
     name = torch.cuda.get_device_name(device) if meter.cuda else "CPU"
     unit = "GiB allocated" if meter.cuda else "GiB RSS rise"
-    print(f"### AnyV2V on I2VGen-XL{' (tiny config)' if args.tiny else ''}, random weights: {name}, {str(dtype)[6:]}, "
-          f"{size}x{size}, {inversion_steps} inversion / {steps} sampling steps, torch {torch.__version__}\n", flush=True)
+    print(f"### AnyV2V on {args.model}{' (tiny config)' if args.tiny else ''}, random weights: {name}, {str(dtype)[6:]}, "
+          f"{size_wh[0]}x{size_wh[1]}, {inversion_steps} inversion / {steps} sampling steps (order "
+          f"{backbone.inversion_order}), torch {torch.__version__}\n", flush=True)
 
     # warm-up (kernel selection, lazy initialisation, the prompt cache): not measured
     backbone.set_offload(args.offload[0], device)
-    edit_phases(backbone, meter, moving_square_video(min(args.frames), size), windows,
-                inversion_steps=1, steps=1, decode_chunk_size=args.decode_chunk_size)
+    warm_up_frames = d.usable_frame_count(min(frame_counts))
+    edit_phases(backbone, meter, clip_frames(warm_up_frames, size_wh), None, inversion_steps=1, steps=1,
+                decode_chunk_size=args.decode_chunk_size)
 
-    header = ["offload", "frames", "approach", "resident at start GiB", "inversion s", f"inversion peak {unit}",
-              "sampling s", f"sampling peak {unit}", "decode s", f"decode peak {unit}", "total s", f"peak {unit}"]
+    header = ["offload", "rows", "frames", "approach", "resident at start GiB", "inversion s",
+              f"inversion peak {unit}", "sampling s", f"sampling peak {unit}", "decode s", f"decode peak {unit}",
+              "total s", f"peak {unit}"]
     print(markdown(header, []), flush=True)  # rows print as they finish: a full run takes hours
     for policy in args.offload:
         backbone.set_offload(policy, device)
-        for num_frames in args.frames:
-            frames = moving_square_video(num_frames, size)
-            approaches = [("all frames", None)]
-            if windows is not None and num_frames > windows.length:
-                approaches.append((f"windows {windows.length}/{windows.overlap}", windows))
-            for approach, row_windows in approaches:
-                free_memory(meter)
-                resident = meter.resident_gib()
-                try:
-                    phases = edit_phases(backbone, meter, frames, row_windows, inversion_steps=inversion_steps,
-                                         steps=steps, decode_chunk_size=args.decode_chunk_size)
-                except (torch.OutOfMemoryError, AnyV2VOutOfMemory):  # the engine wraps OOM in inversion and sampling
-                    row = [policy, num_frames, approach, resident, *["OOM"] * 8]
-                except AnyV2VError as error:  # e.g. a frame count the engine refuses without windows
-                    print(error, file=sys.stderr)
-                    row = [policy, num_frames, approach, resident, *["refused"] * 8]
-                else:
-                    cells = [value for phase in phases.values() for value in phase]
-                    total = sum(seconds for seconds, _ in phases.values())
-                    row = [policy, num_frames, approach, resident, *cells, total,
-                           max(peak for _, peak in phases.values())]
-                print(markdown(header, [row]).splitlines()[-1], flush=True)
+        for rows in args.rows if wan else ["batched"]:
+            backbone.one_row_at_a_time = rows == "one-at-a-time"
+            for num_frames in frame_counts:
+                frames = clip_frames(num_frames, size_wh)
+                approaches = [("all frames", None)]
+                if windows is not None and num_frames > windows.length:
+                    approaches.append((f"windows {windows.length}/{windows.overlap}", windows))
+                for approach, row_windows in approaches:
+                    free_memory(meter)
+                    resident = meter.resident_gib()
+                    try:
+                        phases = edit_phases(backbone, meter, frames, row_windows, inversion_steps=inversion_steps,
+                                             steps=steps, decode_chunk_size=args.decode_chunk_size)
+                    except (torch.OutOfMemoryError, AnyV2VOutOfMemory):  # the engine wraps OOM in its phases
+                        row = [policy, rows, num_frames, approach, resident, *["OOM"] * 8]
+                    except AnyV2VError as error:  # e.g. a frame count the engine refuses without windows
+                        print(error, file=sys.stderr)
+                        row = [policy, rows, num_frames, approach, resident, *["refused"] * 8]
+                    else:
+                        cells = [value for phase in phases.values() for value in phase]
+                        total = sum(seconds for seconds, _ in phases.values())
+                        row = [policy, rows, num_frames, approach, resident, *cells, total,
+                               max(peak for _, peak in phases.values())]
+                    print(markdown(header, [row]).splitlines()[-1], flush=True)
+
+
+def clip_frames(num_frames: int, size_wh: tuple[int, int]) -> torch.Tensor:
+    """A moving square clip [F, H, W, 3] at a (possibly non-square) working size."""
+    side = max(size_wh)
+    return moving_square_video(num_frames, side)[:, :size_wh[1], :size_wh[0]].contiguous()
 
 
 if __name__ == "__main__":
