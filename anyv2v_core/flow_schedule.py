@@ -85,8 +85,7 @@ class FlowMatchingSchedule(SigmaSpacing, NoiseSchedule):
     def sampling_steps(self, steps: int, *, sampler: str | None = None, order: int = 1) -> list[SamplingStep]:
         self.check_method(sampler, order)
         sigmas = self.sigmas(steps)
-        step = EulerStep if order == 1 else MidpointStep
-        return [step(self, high, low) for high, low in zip(sigmas, sigmas[1:])]
+        return [FlowStep(self, high, low, order) for high, low in zip(sigmas, sigmas[1:])]
 
     def inversion_steps(self, inversion_steps: int, sampling_steps: int, order: int = 1) -> list[InversionStep]:
         self.check_inversion_steps(inversion_steps, sampling_steps, order)
@@ -94,51 +93,28 @@ class FlowMatchingSchedule(SigmaSpacing, NoiseSchedule):
         coarse = self.sigmas(sampling_steps)[::-1]  # ascending from 0 to 1
         fine = [between(low, high, Fraction(j, per_step)) if j else low
                 for low, high in zip(coarse, coarse[1:]) for j in range(per_step)] + [coarse[-1]]
-        step = EulerInversionStep if order == 1 else MidpointInversionStep
-        return [step(self, low, high) for low, high in zip(fine, fine[1:])]
+        return [FlowStep(self, low, high, order) for low, high in zip(fine, fine[1:])]
 
 
-class EulerStep(SamplingStep):
-    def __init__(self, schedule: FlowMatchingSchedule, sigma: float, sigma_next: float) -> None:
-        self.schedule, self.start, self.sigma_next = schedule, sigma, sigma_next
-        self.source_levels = (sigma,)
+class FlowStep(SamplingStep, InversionStep):
+    """One step of the flow ODE from sigma `start` to `end`: towards data when sampling, towards noise
+    when inverting. Order 1 is Euler's step; order 2 takes the velocity at the half-step point."""
 
-    def denoise(self, latents: torch.Tensor, evaluate: Evaluate, noise: NoiseSource) -> torch.Tensor:
-        velocity = evaluate(latents, self.schedule.model_time(self.start), self.start)
-        return latents + (self.sigma_next - self.start) * velocity
+    def __init__(self, schedule: FlowMatchingSchedule, start: float, end: float, order: int) -> None:
+        self.schedule, self.start, self.end, self.order = schedule, start, end, order
+        self.middle = between(min(start, end), max(start, end), Fraction(1, 2))
+        self.source_levels = (start,) if order == 1 else (start, self.middle)
 
-
-class MidpointStep(SamplingStep):
-    def __init__(self, schedule: FlowMatchingSchedule, sigma: float, sigma_next: float) -> None:
-        self.schedule, self.start, self.sigma_next = schedule, sigma, sigma_next
-        self.middle = between(sigma_next, sigma, Fraction(1, 2))
-        self.source_levels = (sigma, self.middle)
-
-    def denoise(self, latents: torch.Tensor, evaluate: Evaluate, noise: NoiseSource) -> torch.Tensor:
+    def move(self, latents: torch.Tensor, evaluate: Evaluate) -> torch.Tensor:
         time = self.schedule.model_time
         velocity = evaluate(latents, time(self.start), self.start)
-        halfway = latents + (self.middle - self.start) * velocity
-        velocity_middle = evaluate(halfway, time(self.middle), self.middle)
-        return latents + (self.sigma_next - self.start) * velocity_middle
+        if self.order == 2:
+            halfway = latents + (self.middle - self.start) * velocity
+            velocity = evaluate(halfway, time(self.middle), self.middle)
+        return latents + (self.end - self.start) * velocity
 
-
-class EulerInversionStep(InversionStep):
-    def __init__(self, schedule: FlowMatchingSchedule, sigma: float, sigma_next: float) -> None:
-        self.schedule, self.sigma, self.end = schedule, sigma, sigma_next
-
-    def invert(self, latents: torch.Tensor, evaluate: Evaluate) -> torch.Tensor:
-        velocity = evaluate(latents, self.schedule.model_time(self.sigma), self.sigma)
-        return latents + (self.end - self.sigma) * velocity
-
-
-class MidpointInversionStep(InversionStep):
-    def __init__(self, schedule: FlowMatchingSchedule, sigma: float, sigma_next: float) -> None:
-        self.schedule, self.sigma, self.end = schedule, sigma, sigma_next
-        self.middle = between(sigma, sigma_next, Fraction(1, 2))
+    def denoise(self, latents: torch.Tensor, evaluate: Evaluate, noise: NoiseSource) -> torch.Tensor:
+        return self.move(latents, evaluate)
 
     def invert(self, latents: torch.Tensor, evaluate: Evaluate) -> torch.Tensor:
-        time = self.schedule.model_time
-        velocity = evaluate(latents, time(self.sigma), self.sigma)
-        halfway = latents + (self.middle - self.sigma) * velocity
-        velocity_middle = evaluate(halfway, time(self.middle), self.middle)
-        return latents + (self.end - self.sigma) * velocity_middle
+        return self.move(latents, evaluate)
