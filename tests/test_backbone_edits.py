@@ -2,6 +2,8 @@
 shows here before a GPU user meets it), and decoded in chunks of frames (the frame-by-frame VAEs;
 Wan's causal VAE decodes the whole clip)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,13 +21,20 @@ WAN_SETTINGS = {"wan2.1-i2v": 32, "wan2.2-i2v-a14b": 32, "wan2.2-ti2v": 64}  # s
 HALF_PRECISION_TOLERANCE = {torch.float16: 0.04, torch.bfloat16: 0.2}
 
 
-def load(name: str, dtype: torch.dtype, tiny_model_dir):
+@pytest.fixture(scope="module")
+def model_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The tiny I2VGen-XL, and a folder for the tiny Wan models apart from it: other tests list the
+    tiny I2VGen-XL's folder as ComfyUI's diffusers root and expect it alone there."""
+    return {"i2vgen-xl": tiny_model_dir, "wan": tmp_path_factory.mktemp("wan-models")}
+
+
+def load(name: str, dtype: torch.dtype, model_dirs: dict[str, Path]):
     if name == "i2vgen-xl":
-        return load_backbone(tiny_model_dir, dtype=dtype, device="cpu")
+        return load_backbone(model_dirs["i2vgen-xl"], dtype=dtype, device="cpu")
     if name == "consisti2v":
         return load_backbone(oracle_path("anyv2v-consisti2v") / "model", dtype=dtype, device="cpu")
     if name in WAN_KINDS:
-        folder = tiny_model_dir.parent / name
+        folder = model_dirs["wan"] / name
         if not folder.is_dir():
             build_tiny_wan(folder, name)
         return load_backbone(folder, dtype=dtype, device="cpu")
@@ -42,13 +51,13 @@ def run_edit(backbone, settings: EditSettings = SETTINGS):
 
 
 @pytest.fixture(scope="module")
-def float32_edits(tiny_model_dir):
+def float32_edits(model_dirs):
     torch.set_num_threads(1)
     edits = {}
 
     def float32_edit(name: str):
         if name not in edits:
-            backbone = load(name, torch.float32, tiny_model_dir)
+            backbone = load(name, torch.float32, model_dirs)
             edits[name] = (backbone, run_edit(backbone))
         return edits[name]
 
@@ -57,9 +66,9 @@ def float32_edits(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", FRAME_BY_FRAME_VAE + WAN_KINDS)
-def test_half_precision_edit_is_finite_and_close_to_float32(float32_edits, tiny_model_dir, name, dtype):
+def test_half_precision_edit_is_finite_and_close_to_float32(float32_edits, model_dirs, name, dtype):
     _, expected = float32_edits(name)
-    backbone = load(name, dtype, tiny_model_dir)
+    backbone = load(name, dtype, model_dirs)
     # (diffusers keeps a few of Wan's norm and modulation weights in float32)
     assert backbone.name == name and dtype in {parameter.dtype for parameter in backbone.denoiser.parameters()}
     result = run_edit(backbone)
