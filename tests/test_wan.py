@@ -95,6 +95,20 @@ def test_taus_zero_is_diffusers_image_to_video_from_the_inverted_latent(wan, kin
     assert ours.abs().mean() > 0.05  # a real comparison, not of two zero tensors
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_flow_sigmas_are_the_uniform_grid_bent_by_the_shift_as_diffusers_shifts_it(shift):
+    """The parity test above feeds diffusers our sigmas; this pins the grid itself to diffusers'
+    shift rule applied to a uniform grid from 1 to 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from anyv2v_core.flow_schedule import FlowMatchingSchedule
+
+    steps = 8
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=[1 - k / steps for k in range(steps)])
+    assert FlowMatchingSchedule(shift=shift).sigmas(steps) == pytest.approx(scheduler.sigmas.tolist(), abs=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------- solver orders
 
 
