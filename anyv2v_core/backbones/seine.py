@@ -121,11 +121,11 @@ class SeineBackbone(Backbone):
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[SeineRow]) -> torch.Tensor:
         device, dtype = self.device, self.unet.dtype
-        sample = torch.cat(
-            [latents, torch.cat([row.mask for row in rows]), torch.cat([row.masked_latents for row in rows])], dim=1
-        )  # [B, 4 + 1 + 4, F, h, w]
+        mask = torch.cat([row.mask for row in rows]).to(device, dtype)  # the rows live on the CPU
+        masked_latents = torch.cat([row.masked_latents for row in rows]).to(device, dtype)
+        sample = torch.cat([latents.to(device, dtype), mask, masked_latents], dim=1)  # [B, 4 + 1 + 4, F, h, w]
         text = torch.cat([row.text_embeddings for row in rows])
-        output = self.unet(sample.to(device, dtype), int(timestep), text.to(device, dtype))
+        output = self.unet(sample, int(timestep), text.to(device, dtype))
         return output.to(torch.float32)
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
