@@ -92,3 +92,36 @@ def test_every_phase_runs_on_the_device_with_the_cpu_frames(name, policy, tiny_m
         assert not any(others for _, _, others in entered), "another component stayed on the device"
     components = {component for component, _, _ in entered}
     assert {"unet", "vae", "text_encoder"} <= components
+
+
+def test_sequential_offload_streams_the_unet_blocks_through_the_device(tiny_model_dir):
+    backbone = load("i2vgen-xl", tiny_model_dir)
+    blocks = [block for block in backbone.unet.children() if any(True for _ in block.parameters())]
+    seen = []  # per block forward: its weights on the device, the number of other blocks' weights there
+
+    def spy(block):
+        def check(module, args):
+            others = sum(any(weights_on_device(other)) for other in blocks if other is not block)
+            seen.append((all(weights_on_device(block)), others))
+        return check
+
+    with StandInDevice() as gpu:
+        backbone.set_offload("sequential", gpu.device)
+        for block in blocks:
+            block.register_forward_pre_hook(spy(block))
+        run(backbone)
+        assert not any(any(weights_on_device(block)) for block in blocks), "blocks stay on the device after the call"
+    assert seen and all(on_device for on_device, _ in seen), "a block ran with its weights on the CPU"
+    assert max(others for _, others in seen) <= 1, "more than the running block and the prefetched next one"
+
+
+def test_policy_none_frees_the_encoders_before_the_unet_runs(tiny_model_dir):
+    backbone = load("i2vgen-xl", tiny_model_dir)
+    encoders_during_unet = []
+    with StandInDevice() as gpu:
+        backbone.set_offload("none", gpu.device)
+        backbone.unet.register_forward_pre_hook(lambda module, args: encoders_during_unet.append(
+            any(weights_on_device(backbone.text_encoder)) or any(weights_on_device(backbone.image_encoder))))
+        run(backbone)
+        assert all(weights_on_device(backbone.unet)) and all(weights_on_device(backbone.vae))
+    assert encoders_during_unet and not any(encoders_during_unet)
