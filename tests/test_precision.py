@@ -1,10 +1,14 @@
-"""Which precision `auto` picks, with the device queries stubbed at the boundary (a T4, an A100);
-rotary frequencies stay float32 in half-precision models.
+"""Which precision `auto` picks, with the device queries stubbed at the boundary (a T4, an A100),
+in the engine (compute capability) and in the nodes (ComfyUI's answer); rotary frequencies stay
+float32 in half-precision models.
 
 The choice for the UNet backbones is fp16 on every GPU (bf16 only when asked for, from compute
 capability 8.0): the references ran fp16, and benchmarks/precision.py measures bf16 drifting
 further from float32 over an inversion and an edit (docs/memory.md).
 """
+
+import sys
+import types
 
 import pytest
 import torch
@@ -54,6 +58,54 @@ def test_each_family_states_its_half_precision():
 
     for name in BACKBONES:
         assert backbone_class(name).half_dtypes[0] == (torch.bfloat16 if name in WAN_BACKBONES else torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+
+@pytest.fixture()
+def comfy(monkeypatch):
+    """ComfyUI's model management as seen by the pack: a CPU device that answers the precision
+    questions as told (should_use_fp16 / should_use_bf16 carry --force-fp32 and the broken-fp16 list)."""
+    answers = {"fp16": True, "bf16": True}
+    model_management = types.SimpleNamespace(
+        get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
+        should_use_fp16=lambda device=None, **kwargs: answers["fp16"],
+        should_use_bf16=lambda device=None, **kwargs: answers["bf16"])
+    package = types.ModuleType("comfy")
+    package.model_management = model_management
+    monkeypatch.setitem(sys.modules, "comfy", package)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", model_management)
+    return answers
+
+
+@pytest.mark.parametrize("fp16, bf16, family, expected", [
+    (True, True, FP16_FIRST, torch.float16),
+    (True, True, BF16_FIRST, torch.bfloat16),
+    (False, True, FP16_FIRST, torch.bfloat16),  # a GPU whose fp16 ComfyUI knows to be broken
+    (False, False, FP16_FIRST, torch.float32),  # --force-fp32, or a GPU with neither
+])
+def test_nodes_ask_comfyui_which_half_precision_to_use(comfy, fp16, bf16, family, expected):
+    from test_nodes import load_pack
+
+    load_pack()
+    host = sys.modules["anyv2v_pack.nodes.host"]
+    comfy.update(fp16=fp16, bf16=bf16)
+    assert host.weight_dtype("auto", torch.device("cpu"), family) == expected
+    assert host.weight_dtype("fp32", torch.device("cpu"), family) == "fp32"
+
+
+def test_the_loader_node_loads_in_comfyuis_precision(comfy, tiny_model_dir, monkeypatch):
+    from test_nodes import load_pack
+
+    pack = load_pack()
+    host = sys.modules["anyv2v_pack.nodes.host"]
+    monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tiny_model_dir.parent)])
+    loader = pack.NODE_CLASS_MAPPINGS["LoadI2VBackbone"]()
+    comfy.update(fp16=True, bf16=True)
+    assert loader.load(tiny_model_dir.name, "auto", "auto")[0].backbone.dtype == torch.float16
+    comfy.update(fp16=False, bf16=False)
+    assert loader.load(tiny_model_dir.name, "auto", "auto")[0].backbone.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- rotary
