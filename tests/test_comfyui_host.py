@@ -422,13 +422,6 @@ def test_a_size_no_widget_can_give_fails_the_inversion_before_it_starts(server):
 # ---------------------------------------------------------------------------------------------- memory accounting
 
 
-def post_json(server: ComfyServer, path: str, body: dict) -> int:
-    request = urllib.request.Request(server.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status
-
-
 def log_since(server: ComfyServer, offset: int) -> str:
     return server.log_path.read_text(errors="replace")[offset:]
 
@@ -448,7 +441,7 @@ def test_comfyui_accounts_for_a_kept_backbone_and_its_unload_releases_it(server)
     assert "ComfyUI unloads" not in log, "a model was unloaded though nothing needed the memory"
 
     start = len(server.log_path.read_text(errors="replace"))
-    assert post_json(server, "/free", {"unload_models": True}) == 200
+    assert server.post("/free", {"unload_models": True}) == 200
     deadline = time.monotonic() + 60
     while "ComfyUI unloads i2vgen-xl" not in log_since(server, start):
         assert time.monotonic() < deadline, f"ComfyUI's unload did not reach the backbone:\n{server.log_tail()}"
