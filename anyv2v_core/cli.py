@@ -84,8 +84,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     edit.add_argument("--window", type=int, default=None,
                       help="edit long videos in temporal windows of this many frames (e.g. 16); default: all frames at once")
     edit.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
-    edit.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
-                      help="GPU memory policy: model = one component on the GPU at a time, sequential = lowest VRAM")
+    edit.add_argument("--offload", choices=("auto", "none", "model", "sequential"), default="auto",
+                      help="GPU memory policy: model = one component on the GPU at a time, sequential = lowest VRAM; "
+                           "auto = the fastest that fits the GPU (docs/memory.md)")
     edit.add_argument("--rows", choices=("batched", "one-at-a-time"), default="batched",
                       help="Wan: run the source, negative and positive rows of a step together (faster) or one at a "
                            "time through each block (a third of the activation memory)")

@@ -18,7 +18,7 @@ import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import AnyV2VError, ModelLoadError
-from .memory import OFFLOAD_POLICIES
+from .memory import OFFLOAD_POLICIES, auto_policy, device_memory
 
 logger = logging.getLogger("AnyV2V")
 
@@ -62,19 +62,43 @@ def wan_components(folder: Path) -> dict[str, str | None]:
     return components
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the UNet backbones' order of preference (Backbone.half_dtypes)
+BF16_COMPUTE_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; before it PyTorch emulates bf16
+
+
+def runs_natively(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a CUDA GPU computes in `dtype` with its own kernels. `torch.cuda.is_bf16_supported()`
+    also counts emulation (T4, V100, RTX 20xx, GTX 16xx/10xx), where bf16 is slow and attention gets
+    no fused kernel; the compute capability tells them apart."""
+    if dtype == torch.bfloat16:
+        return torch.cuda.get_device_capability(device) >= BF16_COMPUTE_CAPABILITY
+    return True
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
+                  half_dtypes: tuple[torch.dtype, ...] = HALF_DTYPES) -> torch.dtype:
+    """The weight dtype for `device`.
+
+    "auto": float32 except on a CUDA GPU, where it is the first of `half_dtypes` (a backbone
+    family's preference, `Backbone.half_dtypes`) that the GPU runs natively (fp16 on any GPU, bf16
+    from compute capability 8.0), float32 if none. An explicit bf16 on an older GPU is refused.
+    """
     device = torch.device(device)
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return next((half for half in half_dtypes if runs_natively(half, device)), torch.float32)
     if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES.get(dtype, dtype)
     if dtype not in DTYPES.values():
         raise ModelLoadError(f"dtype {dtype} cannot run the model; use torch.float32, torch.float16 or torch.bfloat16")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ModelLoadError(f"this GPU ({torch.cuda.get_device_name(device)}) does not support bf16; use fp16 or auto")
+    if device.type == "cuda" and not runs_natively(dtype, device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ModelLoadError(
+            f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) does not support bf16 "
+            "natively (that starts with compute capability 8.0): PyTorch would emulate it, slowly and without fused "
+            "attention; use fp16 or auto")
     return dtype
 
 
@@ -188,19 +212,28 @@ def check_components(folder: Path, components: dict[str, str | None], *, variant
     return not pickled
 
 
+def backbone_class(name: str) -> type[Backbone]:
+    """The class of a backbone, without loading any weights."""
+    if name in WAN_BACKBONES:
+        from .backbones.wan import WanBackbone, WanTI2VBackbone
+
+        return WanTI2VBackbone if name == "wan2.2-ti2v" else WanBackbone
+    if name == "consisti2v":
+        from .backbones.consisti2v import ConsistI2VBackbone as backbone
+    elif name == "seine":
+        from .backbones.seine import SeineBackbone as backbone
+    else:
+        from .backbones.i2vgen_xl import I2VGenXLBackbone as backbone
+    return backbone
+
+
 def backbone_defaults(name: str) -> BackboneDefaults:
     """The reference settings of a backbone, without loading any weights."""
     if name in WAN_BACKBONES:
         from .backbones.wan import WAN_DEFAULTS
 
         return WAN_DEFAULTS[name]
-    if name == "consisti2v":
-        from .backbones.consisti2v import DEFAULTS
-    elif name == "seine":
-        from .backbones.seine import DEFAULTS
-    else:
-        from .backbones.i2vgen_xl import DEFAULTS
-    return DEFAULTS
+    return backbone_class(name).defaults
 
 
 def load_backbone(
@@ -217,16 +250,20 @@ def load_backbone(
 ) -> Backbone:
     """Load an image-to-video backbone from a diffusers folder or a Hugging Face repo id, in eval mode.
 
-    `backbone` is detected from model_index.json unless given; `variant` "auto" reads the fp16
-    files where the folder has only those or half precision is asked for; `offload` is a policy of
-    `memory.py` ("none", "model", "sequential"); `one_row_at_a_time` runs the rows of each sampling
-    step one at a time through the transformer's blocks (Wan); `options` go to that backbone's loader
-    (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=..., attention_blocks="all"|...).
+    `backbone` is detected from model_index.json unless given; `dtype` "auto" follows the
+    backbone's `half_dtypes` (see `resolve_dtype`); `variant` "auto" reads the fp16 files where the
+    folder has only those or half precision is asked for; `offload` is a policy of `memory.py`
+    ("none", "model", "sequential") or "auto" (the fastest that fits the device's memory at the
+    backbone's native size, `memory.auto_policy`); `one_row_at_a_time` runs the rows of each
+    sampling step one at a time through the transformer's blocks (Wan); `options` go to that
+    backbone's loader (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=...,
+    attention_blocks="all"|...). The weights are read on the CPU and placed on `device` by the
+    policy, each component at its first call.
     """
     device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    if offload not in OFFLOAD_POLICIES:
-        raise ModelLoadError(f"offload policy {offload!r} is unknown; use one of {', '.join(OFFLOAD_POLICIES)}")
+    torch_dtype = resolve_dtype(dtype, device)  # before the download: whether the fp16 files are enough
+    if offload not in (*OFFLOAD_POLICIES, "auto"):
+        raise ModelLoadError(f"offload policy {offload!r} is unknown; use auto or one of {', '.join(OFFLOAD_POLICIES)}")
     wants_fp16_files = variant == "fp16" or (variant == "auto" and torch_dtype.itemsize == 2)
     folder = resolve_source(source, fp16_weights_only=wants_fp16_files)
     name = detect_backbone(folder) if backbone == "auto" else backbone
@@ -237,7 +274,8 @@ def load_backbone(
     if name not in WAN_BACKBONES and set(options) & WAN_OPTIONS:
         raise ModelLoadError(f"{', '.join(sorted(set(options) & WAN_OPTIONS))} apply to Wan (rectified-flow) models; "
                              f"{folder} holds {name}")
-    load_device = device if offload == "none" else torch.device("cpu")  # offloaded weights never all sit on the GPU
+    torch_dtype = resolve_dtype(dtype, device, backbone_class(name).half_dtypes)
+    load_device = torch.device("cpu")  # the policy places the weights: the host copies are these
     try:
         if name == "consisti2v":
             from .backbones.consisti2v import ConsistI2VBackbone
@@ -273,6 +311,8 @@ def load_backbone(
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
     check_injection_targets(loaded, folder)
     loaded.one_row_at_a_time = one_row_at_a_time
+    if offload == "auto":
+        offload = auto_policy(loaded, device_memory(device))
     loaded.set_offload(offload, device)
     return loaded
 

@@ -1,30 +1,52 @@
-"""Where a backbone's weights live while it runs: the offload policies.
+"""Where a backbone's weights live while it runs: the offload policies, and out-of-memory errors.
 
-- none: every component stays on the execution device (fastest, most memory).
-- model: components live on the CPU; the first call into a component moves it to the device and
-  moves every other component back, so one component is resident at a time (the UNet stays for
-  the whole denoising loop, the text/image encoders leave once conditioning is computed).
-- sequential: the UNet's top-level blocks are streamed to the device one at a time for their
-  forward and sent back after it (lowest VRAM, slowest); the other components behave as in `model`.
+Policies (components are the backbone's `modules()`: unet, vae, text_encoder, image_encoder...):
+- none: every component but the conditioning encoders stays on the execution device. An encoder
+  (text or image) comes in when it runs and leaves when a denoiser (the UNet, a Wan transformer)
+  next runs, so it never sits beside the loop's activations (1.8 GiB of I2VGen-XL's fp16 weights).
+- model: one component on the device at a time, brought in by its first call (the UNet stays for
+  the whole denoising loop).
+- sequential: as model, and the UNet's top-level blocks are streamed through the device: each block
+  comes in for its forward and leaves after it; from the second call on, the next block's copy
+  starts while this one computes (on CUDA, on a side stream).
 
-Both are forward pre-hooks, so they work for every backbone without it knowing. `release()`
-removes them and leaves everything on the CPU.
+Every weight keeps one host (CPU) copy for the module's lifetime, pinned when the device is a CUDA
+GPU. Offloading points the module back at that copy, so nothing is ever copied off the device, and
+loading is a non-blocking copy from it. The copies stay with the modules while `Offloader`s come
+and go with `Backbone.set_offload`, so a new policy or a repeated one moves only what must move.
+Weights are read-only here (inference): change them through the loader, not on an offloaded model.
 
-`guard_out_of_memory` turns an accelerator out-of-memory error in inversion, sampling or decoding
-into `AnyV2VOutOfMemory`, whose message names these policies and the other options that help.
+All policies are forward pre-hooks, so they work for every backbone without it knowing, and a
+component evicted from outside (ComfyUI's model management) comes back at its next call.
+`release()` removes the hooks and leaves the weights where they are; the next `Offloader` places them.
+
+`guard_out_of_memory` turns an accelerator out-of-memory error (setup, inversion, sampling,
+decoding) into `AnyV2VOutOfMemory`, whose message names these policies and the other options
+that help.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import traceback
+from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import ContextDecorator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .errors import AnyV2VError, AnyV2VOutOfMemory
 
+logger = logging.getLogger("AnyV2V")
+
 OFFLOAD_POLICIES = ("none", "model", "sequential")
+ENCODERS = ("text_encoder", "image_encoder")  # used only to compute the conditioning
+DENOISERS = ("unet", "transformer", "transformer_2")  # the networks of the denoising loop (Wan: two experts)
+STREAMED = "unet"  # the component the sequential policy streams block by block
+ROW_CACHE_SIZE = 32  # device-side row batches kept: the row sets (3 and 2 rows) of every temporal window
 
 
 def _callable_children(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -38,68 +60,431 @@ def _callable_children(module: torch.nn.Module) -> list[torch.nn.Module]:
     return children
 
 
-class Offloader:
-    """Applies an offload policy to named components and keeps track of the resident one."""
+def execution_device(device: torch.device | str) -> torch.device:
+    """`device` with its index ("cuda" is the current CUDA device, "cuda:0" usually)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
-    def __init__(self, components: dict[str, torch.nn.Module], device: torch.device, policy: str = "none") -> None:
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    """`tensor` is on `device` ("cuda" matches "cuda:0")."""
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
+def nbytes(tensors) -> int:
+    """Bytes of the distinct tensors in `tensors`."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+# ---------------------------------------------------------------------------------------------- host copies
+
+
+class Slot(NamedTuple):
+    """One parameter or buffer entry of one module."""
+
+    owner: torch.nn.Module
+    kind: str  # "_parameters" or "_buffers"
+    name: str
+
+    def get(self) -> torch.Tensor:
+        return getattr(self.owner, self.kind)[self.name]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        getattr(self.owner, self.kind)[self.name] = tensor
+
+
+def slots_of(module: torch.nn.Module) -> list[Slot]:
+    """The parameter and buffer slots of a module tree (a module shared by several parents once)."""
+    return [Slot(owner, kind, name) for owner in module.modules() for kind in ("_parameters", "_buffers")
+            for name, tensor in getattr(owner, kind).items() if tensor is not None]
+
+
+def _as_slot_tensor(slot: Slot, tensor: torch.Tensor) -> torch.Tensor:
+    return torch.nn.Parameter(tensor, requires_grad=False) if slot.kind == "_parameters" else tensor
+
+
+class HostWeights:
+    """The host copy of every parameter and buffer of one component, and moves that use it."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.slots = slots_of(module)
+        self.host: dict[Slot, torch.Tensor] = {}
+        self.pinned = False
+        copies: dict[int, torch.Tensor] = {}  # tensors shared by several slots get one host copy
+        for slot in self.slots:
+            current = slot.get()
+            if id(current) not in copies:
+                copies[id(current)] = current if current.device.type == "cpu" else _as_slot_tensor(slot, current.cpu())
+            self.host[slot] = copies[id(current)]
+
+    def refresh(self) -> None:
+        """Adopt tensors put on the CPU from outside (a module moved with `.to("cpu")`) as the host copies."""
+        for slot in self.slots:
+            current = slot.get()
+            if current.device.type == "cpu" and current is not self.host[slot]:
+                self.host[slot] = current
+                self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the host copies (once): copies from them to a CUDA GPU are then asynchronous."""
+        if self.pinned:
+            return
+        pinned: dict[int, torch.Tensor] = {}
+        try:
+            for slot in self.slots:
+                host = self.host[slot]
+                if id(host) not in pinned:
+                    pinned[id(host)] = host if host.is_pinned() else _as_slot_tensor(slot, host.pin_memory())
+        except RuntimeError as error:  # page-locked memory is limited (Windows, containers): run unpinned
+            logger.warning("could not pin the host copy of the weights (%s); loads will be synchronous", error)
+            return
+        for slot in self.slots:
+            if slot.get() is self.host[slot]:
+                slot.set(pinned[id(self.host[slot])])
+            self.host[slot] = pinned[id(self.host[slot])]
+        self.pinned = True
+
+    def load(self, slots: Sequence[Slot], device: torch.device) -> None:
+        """Point `slots` at device copies of their host tensors, copying those not there yet (non-blocking)."""
+        copies: dict[int, torch.Tensor] = {}
+        for slot in slots:
+            if on_device(slot.get(), device):
+                continue
+            host = self.host[slot]
+            if id(host) not in copies:
+                copies[id(host)] = _as_slot_tensor(slot, host.to(device, non_blocking=True))
+            slot.set(copies[id(host)])
+
+    def offload(self, slots: Sequence[Slot]) -> None:
+        """Point `slots` back at their host copies; the device copies are freed, nothing is copied."""
+        for slot in slots:
+            slot.set(self.host[slot])
+
+    def bytes_on(self, device: torch.device) -> int:
+        return nbytes(t for t in (slot.get() for slot in self.slots) if on_device(t, device))
+
+    def total_bytes(self) -> int:
+        return nbytes(self.host.values())
+
+
+HOST_WEIGHTS_ATTRIBUTE = "_anyv2v_host_weights"
+
+
+def host_weights(module: torch.nn.Module) -> HostWeights:
+    """The host copies of `module`'s weights, made the first time it is offloaded and kept on it (they
+    live and die with the module)."""
+    weights = getattr(module, HOST_WEIGHTS_ATTRIBUTE, None)
+    if weights is None:
+        weights = HostWeights(module)
+        object.__setattr__(module, HOST_WEIGHTS_ATTRIBUTE, weights)
+    else:
+        weights.refresh()
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------- the offloader
+
+
+class _Block(NamedTuple):
+    """A top-level UNet block streamed by the sequential policy."""
+
+    module: torch.nn.Module
+    slots: list[Slot]
+
+
+class Offloader:
+    """Applies an offload policy to named components on an execution device."""
+
+    def __init__(self, components: dict[str, torch.nn.Module], device: torch.device | str, policy: str = "none") -> None:
         if policy not in OFFLOAD_POLICIES:
             raise AnyV2VError(f"offload policy {policy!r} is unknown; use one of {', '.join(OFFLOAD_POLICIES)}")
-        self.components, self.device, self.policy = components, torch.device(device), policy
-        self.resident: str | None = None
+        device = execution_device(device)
+        self.components, self.device, self.policy = components, device, policy
+        self.weights = {name: host_weights(module) for name, module in components.items()}
+        self.active: str | None = None  # the component entered last (the hooks' fast path)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        if policy == "none":
-            for module in components.values():
-                module.to(self.device)
+        self._rows: OrderedDict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
+        self._blocks: list[_Block] = []
+        self._unet_root: list[Slot] = []  # the UNet's slots outside any streamed block (sequential)
+        self._block_order: list[int] = []  # blocks in the order the last UNet call ran them
+        self._prefetched: dict[int, torch.cuda.Event | None] = {}
+        self._copy_stream = None
+        if device.type == "cuda":
+            for weights in self.weights.values():
+                weights.pin()
+        if policy == "sequential" and STREAMED in components:
+            self._stream_blocks(components[STREAMED])
+        # leave on the device only what the policy keeps there; everything else comes in at its first call
+        steady = self.steady_components() if device.type != "cpu" else []
+        for name in self.weights:
+            if name not in steady:
+                self.offload_component(name)
+        if device.type == "cpu":
             return
         for name, module in components.items():
-            module.to("cpu")
-            streamed = policy == "sequential" and name == "unet"
-            if streamed:
-                self._stream_blocks(module)
             # the root and its direct children: a component is often entered through a method
             # (vae.encode -> quant_conv/encoder), never through its own forward
             for entry in [module, *_callable_children(module)]:
-                self._handles.append(entry.register_forward_pre_hook(self._bring(name, streamed)))
+                self._handles.append(entry.register_forward_pre_hook(self._enter_hook(name)))
+        for index, block in enumerate(self._blocks):  # after the component hooks: they run first
+            self._handles.append(block.module.register_forward_pre_hook(self._block_hook(index, enter=True)))
+            self._handles.append(block.module.register_forward_hook(self._block_hook(index, enter=False)))
 
-    def _bring(self, name: str, streamed: bool):
-        def hook(module, args):
-            if self.resident == name:
-                return
-            for other, component in self.components.items():
-                if other != name:
-                    component.to("cpu")
-            if streamed:  # only the UNet's own small root parameters; blocks come one at a time
-                root = self.components[name]
-                for tensor in [*root._parameters.values(), *root._buffers.values()]:
-                    if tensor is not None:
-                        tensor.data = tensor.data.to(self.device)
+    # -------------------------------------------------------------------------- components
+
+    def _must_leave(self, other: str, entering: str) -> bool:
+        if self.policy == "none":
+            return other in ENCODERS and entering in DENOISERS
+        return other != entering
+
+    def enter(self, name: str) -> None:
+        """Make `name` runnable: evict what the policy says cannot stay beside it, then load it."""
+        if self.active == name:
+            return
+        self.active = None
+        for other in self.weights:
+            if other != name and self._must_leave(other, name):
+                self.offload_component(other)
+        weights = self.weights[name]
+        try:
+            if self._blocks and name == STREAMED:
+                weights.load(self._unet_root, self.device)
             else:
-                self.components[name].to(self.device)
-            self.resident = name
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+                weights.load(weights.slots, self.device)
+        except BaseException:
+            self.offload_component(name)
+            raise
+        self.active = name
+
+    def _enter_hook(self, name: str):
+        def hook(module, args) -> None:
+            self.enter(name)
 
         return hook
 
+    def offload_component(self, name: str) -> None:
+        weights = self.weights[name]
+        if name == STREAMED:
+            self._drop_prefetched()
+        weights.offload(weights.slots)
+        if self.active == name:
+            self.active = None
+
+    def offload_all(self) -> None:
+        """Every weight back on its host copy (no copy), and the device-side row batches dropped."""
+        for name in self.weights:
+            self.offload_component(name)
+        self._rows.clear()
+
+    def steady_components(self) -> list[str]:
+        """What the policy keeps on the device between calls: all but the encoders (none); nothing
+        (model, sequential: every component comes in at its first call)."""
+        return [name for name in self.weights if name not in ENCODERS] if self.policy == "none" else []
+
+    def load_steady(self) -> None:
+        """Bring in what the policy keeps on the device (otherwise each component comes at its first call)."""
+        if self.device.type == "cpu":
+            return
+        with guard_out_of_memory("setup (moving the model to the device)"):
+            try:
+                for name in self.steady_components():
+                    self.weights[name].load(self.weights[name].slots, self.device)
+            except BaseException:
+                self.offload_all()  # never leave a half-moved model on the device
+                raise
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights now on the device."""
+        return sum(weights.bytes_on(self.device) for weights in self.weights.values())
+
+    def peak_weight_bytes(self) -> int:
+        """The most weight bytes this policy puts on the device at once."""
+        return policy_peaks(self.components)[self.policy]
+
+    # -------------------------------------------------------------------------- sequential blocks
+
     def _stream_blocks(self, unet: torch.nn.Module) -> None:
-        def load(module, args) -> None:
-            module.to(self.device)
+        owners: dict[int, int] = {}  # id(slot owner) -> the block holding it; -1 when several do
+        children = [child for child in _callable_children(unet) if slots_of(child)]
+        for index, child in enumerate(children):
+            for owner in child.modules():
+                owners[id(owner)] = index if owners.get(id(owner), index) == index else -1
+        slots = self.weights[STREAMED].slots
+        self._blocks = [_Block(child, [s for s in slots if owners.get(id(s.owner)) == index])
+                        for index, child in enumerate(children)]
+        self._unet_root = [s for s in slots if owners.get(id(s.owner), -1) == -1]  # the root's own and shared modules
 
-        def unload(module, args, output) -> None:
-            module.to("cpu")
+    def _block_hook(self, index: int, *, enter: bool):
+        def before(module, args) -> None:
+            if index not in self._block_order:
+                self._block_order.append(index)
+            try:
+                self._load_block(index)
+                if len(self._block_order) == len(self._blocks):  # the order is known: prefetch the next one (cyclic)
+                    following = self._block_order.index(index) + 1
+                    self._prefetch_block(self._block_order[following % len(self._block_order)])
+            except BaseException:
+                self.offload_component(STREAMED)  # no block left half-loaded
+                raise
 
-        for block in _callable_children(unet):
-            self._handles.append(block.register_forward_pre_hook(load))
-            self._handles.append(block.register_forward_hook(unload))
+        def after(module, args, output) -> None:
+            self.weights[STREAMED].offload(self._blocks[index].slots)
+            self._prefetched.pop(index, None)
+
+        return before if enter else after
+
+    def _load_block(self, index: int) -> None:
+        if index in self._prefetched:
+            event = self._prefetched.pop(index)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+        self.weights[STREAMED].load(self._blocks[index].slots, self.device)
+
+    def _prefetch_block(self, index: int) -> None:
+        weights = self.weights[STREAMED]
+        slots = [s for s in self._blocks[index].slots if not on_device(s.get(), self.device)]
+        if index in self._prefetched or not slots:
+            return
+        if self._copy_stream is None and self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
+        if self._copy_stream is None:  # no side stream here: load it now
+            weights.load(slots, self.device)
+            self._prefetched[index] = None
+            return
+        # Allocate on the compute stream (the block is freed there), copy on the side stream once the
+        # compute stream has finished with whatever that memory held; the block's forward waits for the copy.
+        compute = torch.cuda.current_stream(self.device)
+        targets = {id(weights.host[s]): torch.empty_like(weights.host[s], device=self.device) for s in slots}
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            for slot in slots:
+                target = targets[id(weights.host[slot])]
+                target.copy_(weights.host[slot], non_blocking=True)
+                slot.set(_as_slot_tensor(slot, target))
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._prefetched[index] = event
+
+    def _drop_prefetched(self) -> None:
+        """Forget prefetched blocks; memory still being copied into is not reused before the copy ends."""
+        for event in self._prefetched.values():
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+        self._prefetched.clear()
+
+    # -------------------------------------------------------------------------- conditioning rows
+
+    def rows_on_device(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The batch `cat(tensors)` on the device in `dtype`, built once per distinct set of (CPU)
+        row tensors: the loops pass the same rows, or the same window slices of them, at every step.
+        Row tensors are never changed in place; the cache holds them, so their memory is not reused."""
+        key = (dtype, *((t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                        for t in tensors))
+        if key not in self._rows:
+            batch = torch.cat(list(tensors)).to(self.device, dtype, non_blocking=True)
+            self._rows[key] = (list(tensors), batch)
+            if len(self._rows) > ROW_CACHE_SIZE:
+                self._rows.popitem(last=False)
+        self._rows.move_to_end(key)
+        return self._rows[key][1]
 
     def release(self) -> None:
-        """Remove the hooks and move every component to the CPU."""
+        """Remove the hooks; the weights stay where they are (the next policy places them)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self.components.values():
-            module.to("cpu")
-        self.resident = None
+        self._rows.clear()
+        self._drop_prefetched()
+        self.active = None
+
+
+# ---------------------------------------------------------------------------------------------- how much memory
+
+RESERVED_BYTES = 2**30  # the CUDA context and kernel workspaces: not in the estimates
+FRAGMENTATION = 1.1  # the caching allocator's blocks hold about this much more than the live tensors
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return nbytes([*module.parameters(), *module.buffers()])
+
+
+def streamed_unet_bytes(unet: torch.nn.Module) -> int:
+    """Weights on the device at once while the UNet is streamed block by block: its own (and shared)
+    weights and its two largest blocks (the running one and the next, prefetched)."""
+    blocks = sorted((weight_bytes(child) for child in _callable_children(unet)), reverse=True)
+    return weight_bytes(unet) - sum(blocks) + sum(blocks[:2])
+
+
+def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int = 0,
+                 vae_activations: int = 0) -> dict[str, int]:
+    """Peak device bytes of an edit under each policy: the weights each policy holds on the device at
+    the worst moment plus the activations then (times FRAGMENTATION; the encoders' own activations
+    are a few MB). `unet_activations` are those of one call of a denoiser (UNet or transformer)."""
+    weights = {name: weight_bytes(module) for name, module in components.items()}
+    unet_activations, vae_activations = int(unet_activations * FRAGMENTATION), int(vae_activations * FRAGMENTATION)
+    resident = sum(size for name, size in weights.items() if name not in ENCODERS)
+    encoders = [size for name, size in weights.items() if name in ENCODERS]
+    vae = weights.get("vae", 0) + vae_activations
+    denoisers = {name: size for name, size in weights.items() if name in DENOISERS}
+    if STREAMED in denoisers:
+        streamed = {**denoisers, STREAMED: streamed_unet_bytes(components[STREAMED])}
+    else:
+        streamed = denoisers
+    return {
+        "none": max(resident + unet_activations, resident + vae_activations, resident + sum(encoders)),
+        "model": max(*(size + unet_activations for size in denoisers.values()), vae, *encoders),
+        "sequential": max(*(size + unet_activations for size in streamed.values()), vae, *encoders),
+    }
+
+
+def auto_policy(backbone, total_memory: int, *, frames: int | None = None, size_wh: tuple[int, int] | None = None,
+                rows: int = 3, decode_chunk_size: int = 1) -> str:
+    """The fastest policy whose peak leaves RESERVED_BYTES of a device of `total_memory` bytes free,
+    for `rows` batch rows of `frames` frames per UNet call at `size_wh` (default: the backbone's
+    native frame count and size); "none" when `total_memory` is 0 (no accelerator to fit)."""
+    if not total_memory:
+        return "none"
+    defaults = backbone.defaults
+    activations = activation_bytes(backbone, frames=frames or defaults.num_frames, size_wh=size_wh or defaults.size_wh,
+                                   rows=rows, decode_chunk_size=decode_chunk_size)
+    peaks = policy_peaks(backbone.modules(), *activations)
+    policy = next((p for p in OFFLOAD_POLICIES if peaks[p] + RESERVED_BYTES <= total_memory), "sequential")
+    logger.info("memory: %s needs %s GiB (none / model / sequential); offload policy %s on a %.1f GiB device",
+                backbone.name, " / ".join(f"{peaks[p] / 2**30:.1f}" for p in OFFLOAD_POLICIES), policy, total_memory / 2**30)
+    return policy
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """A backbone's peak activation bytes per element and per byte of the weight dtype, measured on
+    its real architecture (benchmarks/memory_table.py); linear in rows, frames and pixels, since
+    attention runs as a fused kernel (fp16 on any CUDA GPU, bf16 from compute capability 8.0)."""
+
+    unet: float  # one UNet call, per row x frame x latent pixel
+    vae: float  # one VAE encode or decode, per frame x pixel
+
+
+def activation_bytes(backbone, *, frames: int, size_wh: tuple[int, int], rows: int,
+                     decode_chunk_size: int = 1) -> tuple[int, int]:
+    """(UNet, VAE) peak activation bytes of a run of `backbone` on `frames` frames per UNet call
+    (the window length with temporal windows) at `size_wh`, `rows` batch rows per UNet call."""
+    profile, itemsize = backbone.activation_profile, backbone.dtype.itemsize
+    if profile is None:  # not measured for this family: the estimates count the weights only
+        return 0, 0
+    width, height = size_wh
+    latent_pixels = (width // backbone.vae_scale_factor) * (height // backbone.vae_scale_factor)
+    return (int(profile.unet * rows * frames * latent_pixels * itemsize),
+            int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize))
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of an accelerator in bytes (0 for the CPU: nothing to choose there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- out of memory
@@ -109,6 +494,9 @@ OUT_OF_MEMORY_ADVICE = (
     "use fp16/bf16 weights, edit fewer frames, use temporal windows (node window_length, CLI --window 16), "
     "choose a smaller working size, or decode fewer frames at once (decode chunk size 1)"
 )
+# allocation failures that libraries report in their own words
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "HIPBLAS_STATUS_ALLOC_FAILED")
 
 
 class OutOfMemory(AnyV2VOutOfMemory, torch.OutOfMemoryError):
@@ -117,11 +505,12 @@ class OutOfMemory(AnyV2VOutOfMemory, torch.OutOfMemoryError):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """torch's OutOfMemoryError (CUDA, XPU), or a RuntimeError saying so (MPS and other backends)."""
+    """torch's OutOfMemoryError (CUDA, XPU), or a RuntimeError saying so (MPS, ROCm, cuBLAS/cuDNN workspaces)."""
     if isinstance(error, AnyV2VOutOfMemory):
         return False
+    text = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+        isinstance(error, RuntimeError) and any(message.lower() in text for message in OUT_OF_MEMORY_MESSAGES))
 
 
 def release_memory() -> None:

@@ -15,6 +15,8 @@ from .inversion import RESIZE_POLICIES, RESIZE_TOOLTIP, size_inputs
 PASSTHROUGH, INSTRUCT_PIX2PIX = "passthrough", "instruct-pix2pix"
 MODES = (PASSTHROUGH, INSTRUCT_PIX2PIX)
 IP2P_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
+# an SD-1.5 UNet on InstructPix2Pix's 3 rows and the VAE decode at 512x512 peak well under this (fp16)
+IP2P_ACTIVATIONS_AT_512 = 2**30
 IP2P_HINT = host.download_hint("timbrooks/instruct-pix2pix", "instruct-pix2pix",
                                '"*.json" "*.txt" "unet/*.safetensors" "vae/*.safetensors" "text_encoder/*.safetensors"')
 
@@ -113,20 +115,22 @@ def run_instruct_pix2pix(folder: str, image, instruction: str, *, steps: int, im
     from PIL import Image
 
     from anyv2v_core.errors import ModelLoadError
-    from anyv2v_core.loading import resolve_dtype
+    from anyv2v_core.loading import HALF_DTYPES, resolve_dtype
+    from anyv2v_core.memory import weight_bytes
 
     if not instruction.strip():
         raise ValueError(f"the {INSTRUCT_PIX2PIX} mode needs an instruction (e.g. 'make it snowy')")
     device = host.compute_device()
-    host.free_memory_for_heavy_work()
     try:
         pipeline = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            folder, torch_dtype=resolve_dtype("auto", device), use_safetensors=True, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+            folder, torch_dtype=resolve_dtype(host.weight_dtype("auto", device, HALF_DTYPES), device),
+            use_safetensors=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the InstructPix2Pix model in {folder} (safetensors weights are "
                              f"required): {error}") from error
-    pipeline.to(device)
+    weights = sum(weight_bytes(module) for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder))
+    height, width = image.shape[1:3]
+    host.free_device_memory(weights + IP2P_ACTIVATIONS_AT_512 * height * width // 512**2)  # ComfyUI frees what that needs
     pipeline.set_progress_bar_config(disable=True)
     report = host.progress_bar(steps)
 
@@ -136,13 +140,14 @@ def run_instruct_pix2pix(folder: str, image, instruction: str, *, steps: int, im
 
     pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     try:
+        pipeline.to(device)
         result = pipeline(instruction, image=Image.fromarray(pixels), num_inference_steps=steps,
                           image_guidance_scale=image_guidance, guidance_scale=guidance,
                           generator=torch.Generator(device).manual_seed(seed), output_type="np",
                           callback_on_step_end=on_step_end).images  # [1, H, W, 3] float 0..1
     finally:
         del pipeline
-        host.free_memory_for_heavy_work()
+        host.release_cached_memory()
     return torch.from_numpy(result).to(torch.float32).clamp(0, 1)
 
 

@@ -7,6 +7,7 @@ no model folders unless a test sets them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -117,38 +118,148 @@ def offload_device():
     return model_management.unet_offload_device() if model_management else torch.device("cpu")
 
 
-def free_memory_for_heavy_work() -> None:
-    """Ask ComfyUI to unload its own models and release cached blocks before an AnyV2V step."""
+def weight_dtype(choice: str, device, half_dtypes):
+    """The loader's dtype: "auto" asks ComfyUI which half precision `device` should run (its
+    --force-fp32 / --force-fp16 flags, its list of GPUs whose fp16 is broken, bf16 only where it is
+    native), in the backbone family's order of preference (`Backbone.half_dtypes`); float32 if
+    neither. Other choices, and "auto" without ComfyUI, go to the engine as they are."""
+    import torch
+
+    model_management = _model_management()
+    if choice != "auto" or model_management is None:
+        return choice
+    allowed = {torch.float16: model_management.should_use_fp16(device),
+               torch.bfloat16: model_management.should_use_bf16(device)}
+    return next((half for half in half_dtypes if allowed.get(half)), torch.float32)
+
+
+def free_device_memory(bytes_needed: int) -> None:
+    """Ask ComfyUI to make `bytes_needed` free on its device, unloading only as many of its models
+    (and ours) as that takes."""
     model_management = _model_management()
     if model_management:
-        model_management.unload_all_models()
+        model_management.free_memory(bytes_needed, model_management.get_torch_device())
+
+
+def release_cached_memory() -> None:
+    model_management = _model_management()
+    if model_management:
         model_management.soft_empty_cache()
 
 
+def total_device_memory(device) -> int:
+    """The device's memory in bytes as ComfyUI counts it (--reserve-vram aside); 0 for the CPU."""
+    from anyv2v_core.memory import device_memory
+
+    model_management = _model_management()
+    if model_management is None or device.type == "cpu":
+        return device_memory(device)
+    return model_management.get_total_memory(device)
+
+
+def backbone_patcher(handle):
+    """The handle's backbone as a ComfyUI model (a ModelPatcher), made on first use; None without ComfyUI."""
+    if _model_management() is None:
+        return None
+    if handle.patcher is None:
+        handle.patcher = _patcher_class()(handle.backbone, compute_device(), offload_device())
+    return handle.patcher
+
+
+@functools.cache
+def _patcher_class():
+    """Defined on first use: comfy is imported lazily."""
+    import torch
+    from comfy.model_patcher import ModelPatcher
+
+    class AnyV2VBackboneModules(torch.nn.ModuleDict):
+        """The backbone's networks, as the one module ComfyUI's model list holds."""
+
+    class BackbonePatcher(ModelPatcher):
+        """An AnyV2V backbone in ComfyUI's model management: ComfyUI counts its weights, frees room
+        for them and the run's activations before a node runs (instead of unloading everything),
+        and can evict them when it needs the memory. Every move goes through the backbone's
+        offloader (host copies: nothing is copied back), so the policy's hooks stay consistent."""
+
+        def __init__(self, backbone, load_device, offload_device):
+            self.backbone = backbone  # before ModelPatcher.__init__, which asks model_size()
+            super().__init__(AnyV2VBackboneModules(backbone.modules()), load_device, offload_device)
+
+        def model_size(self):
+            return self.backbone.offloader.peak_weight_bytes()
+
+        def loaded_size(self):
+            return self.backbone.offloader.resident_bytes()
+
+        def current_loaded_device(self):
+            return self.load_device if self.loaded_size() else self.offload_device
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            before = self.loaded_size()
+            self.backbone.offloader.load_steady()
+            return self.loaded_size() - before
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            before = self.loaded_size()
+            offloader = self.backbone.offloader
+            for name in sorted(offloader.weights, key=lambda n: offloader.weights[n].bytes_on(offloader.device)):
+                if before - self.loaded_size() >= memory_to_free:
+                    break
+                offloader.offload_component(name)
+            return before - self.loaded_size()
+
+        def detach(self, unpatch_all=True):
+            if unpatch_all and self.loaded_size():
+                logger.info("ComfyUI unloads %s (%.1f MiB)", self.backbone.name, self.loaded_size() / 2**20)
+                self.backbone.offloader.offload_all()
+            return self.model
+
+    return BackbonePatcher
+
+
+def frames_per_call(backbone, num_frames: int, windows) -> int:
+    """Frames one UNet call sees: the clip, or a window of its generated frames, plus any conditioning frame."""
+    generated = num_frames - backbone.conditioning_frames
+    return (generated if windows is None else min(generated, windows.length)) + backbone.conditioning_frames
+
+
 @contextmanager
-def on_compute_device(handle) -> Iterator:
-    """The handle's backbone running on ComfyUI's device under its offload policy for the block;
-    back on the offload device afterwards (also after an error or a cancel) unless the user chose
-    to keep it loaded."""
-    backbone = handle.backbone
+def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, int] | None = None, rows: int = 3,
+                      decode_chunk_size: int = 1) -> Iterator:
+    """The handle's backbone on ComfyUI's device for the block, for a run of `rows` batch rows of
+    `frames` frames per UNet call at `size_wh` (default: the backbone's native ones).
+
+    The memory mode's policy ("auto": the fastest that fits this run on this device) is set up,
+    the backbone is loaded through ComfyUI's model management, which frees only what the weights
+    and the estimated activations need, and afterwards (also after an error or a cancel) it goes
+    back to the offload device unless the mode keeps it loaded (then ComfyUI may evict it later).
+    """
+    from anyv2v_core.memory import FRAGMENTATION, activation_bytes, auto_policy, execution_device, guard_out_of_memory
+
+    backbone, device = handle.backbone, execution_device(compute_device())
     if handle.offload == "comfyui":  # a ComfyUI MODEL: its own model management places it at every call
         yield backbone
         return
-    free_memory_for_heavy_work()
-    device = compute_device()
-    current = getattr(backbone, "offloader", None)
-    if current is None or (current.policy, current.device) != (handle.offload, device):
-        # set_offload first returns every weight to the CPU: skip it when the model is already set up
-        logger.info("running %s on %s (offload: %s)", backbone.name, device, handle.offload)
-        backbone.set_offload(handle.offload, device)
+    frames, size_wh = frames or backbone.defaults.num_frames, size_wh or backbone.defaults.size_wh
+    policy = handle.offload
+    if policy == "auto":
+        policy = auto_policy(backbone, total_device_memory(device), frames=frames, size_wh=size_wh, rows=rows,
+                             decode_chunk_size=decode_chunk_size)
+    if (backbone.offloader.policy, backbone.offloader.device) != (policy, device):  # else: already set up, nothing moves
+        logger.info("running %s on %s (offload: %s)", backbone.name, device, policy)
+        backbone.set_offload(policy, device)
+    activations = activation_bytes(backbone, frames=frames, size_wh=size_wh, rows=rows,
+                                   decode_chunk_size=decode_chunk_size)
     try:
+        patcher = backbone_patcher(handle)
+        if patcher is not None:
+            with guard_out_of_memory("setup (moving the model to the device)"):
+                _model_management().load_models_gpu([patcher], memory_required=int(max(activations) * FRAGMENTATION))
         yield backbone
     finally:
         if not handle.keep_loaded:
-            backbone.to(offload_device())  # also removes the offload policy's hooks
-        model_management = _model_management()
-        if model_management:
-            model_management.soft_empty_cache()
+            backbone.to(offload_device())  # no copy: the weights point back at their host copies; hooks removed
+        release_cached_memory()
 
 
 # ---------------------------------------------------------------------------------------------- progress and cancel

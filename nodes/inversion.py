@@ -125,7 +125,8 @@ class DDIMInvertVideo:
 
         windows = context_windows(window_length, window_overlap)
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
-        with host.on_compute_device(backbone) as model:
+        with host.on_compute_device(backbone, frames=host.frames_per_call(backbone.backbone, frame_count, windows),
+                                    size_wh=(width, height), rows=1) as model:
             inversion = invert_video(model, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
                                      fps=fps, windows=windows, progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)

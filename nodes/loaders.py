@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import host
 
 BACKBONE = "ANYV2V_BACKBONE"
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-# memory choice -> (engine offload policy while a node runs, weights stay on the GPU between nodes)
+# memory choice -> (engine offload policy while a node runs, weights stay on the GPU between nodes).
+# Weights left on the GPU are ComfyUI's to evict when it needs the memory (host.on_compute_device).
 MEMORY_MODES = {
-    "offload after each node": ("none", False),
+    "auto": ("auto", True),
     "keep loaded": ("none", True),
+    "offload after each node": ("none", False),
     "model offload (less VRAM)": ("model", False),
     "sequential offload (least VRAM, slowest)": ("sequential", False),
 }
@@ -26,9 +29,10 @@ class BackboneHandle:
     """What flows on an ANYV2V_BACKBONE link: the engine backbone and the user's memory policy."""
 
     backbone: object  # anyv2v_core.backbones.base.Backbone
-    offload: str  # the engine's offload policy while a node runs: none, model or sequential
+    offload: str  # the engine's offload policy while a node runs: none, model, sequential or auto
     keep_loaded: bool
     source: str
+    patcher: object = None  # the backbone in ComfyUI's model management (host.backbone_patcher), made on first use
 
 
 def check_repo_id(repo_id: str) -> str | None:
@@ -64,15 +68,18 @@ class LoadI2VBackbone:
                                "the fp16 weights are fine."}),
                 "dtype": (DTYPES, {
                     "default": "auto",
-                    "tooltip": "Weight precision. auto: bf16 (or fp16) on a GPU, fp32 on the CPU. fp16 halves memory; "
-                               "fp32 is the exact reference."}),
+                    "tooltip": "Weight precision. auto: fp16 on a GPU where ComfyUI uses fp16 (the references ran "
+                               "fp16; bf16 where ComfyUI allows only that), fp32 on the CPU or with --force-fp32. "
+                               "bf16 needs an RTX 30xx / A100 or newer. fp32 is the exact reference."}),
                 "memory": (tuple(MEMORY_MODES), {
-                    "default": "offload after each node",
-                    "tooltip": "offload after each node: the whole model runs on the GPU, then goes back to the CPU "
-                               "so other models fit. keep loaded: it stays on the GPU (faster repeated edits; ComfyUI "
-                               "cannot reclaim that memory). model offload: one component (UNet, VAE, encoders) on "
-                               "the GPU at a time. sequential offload: the UNet streamed block by block (for small "
-                               "GPUs; much slower)."}),
+                    "default": "auto",
+                    "tooltip": "auto: the fastest mode that fits this GPU for each run (its frames and size); the "
+                               "model stays loaded and ComfyUI unloads it when another model needs the room. keep "
+                               "loaded: the whole model on the GPU, kept there the same way. offload after each node: "
+                               "the whole model runs on the GPU, then goes back to the CPU. model offload: one "
+                               "component (UNet, VAE, encoders) on the GPU at a time. sequential offload: the UNet "
+                               "streamed block by block (for small GPUs; much slower). The text and image encoders "
+                               "leave the GPU before the UNet runs in every mode."}),
             },
             "optional": {
                 "repo_id": ("STRING", {
@@ -87,8 +94,6 @@ class LoadI2VBackbone:
         repo_id = (repo_id or "").strip()
         if repo_id:
             return check_repo_id(repo_id) or True
-        from pathlib import Path
-
         from anyv2v_core.loading import detect_backbone
 
         try:
@@ -99,23 +104,23 @@ class LoadI2VBackbone:
 
     def load(self, model, dtype, memory, repo_id=""):
         from anyv2v_core.errors import ModelLoadError
-        from anyv2v_core.loading import load_backbone, resolve_dtype
+        from anyv2v_core.loading import HALF_DTYPES, backbone_class, detect_backbone, load_backbone, resolve_dtype
 
         repo_id = (repo_id or "").strip()
         if repo_id:
             problem = check_repo_id(repo_id)
             if problem:
                 raise ModelLoadError(problem)
-            source = repo_id
+            source, half_dtypes = repo_id, HALF_DTYPES  # the family is known once downloaded; all share this order
         else:
             source = host.resolve_model_folder(model, I2VGENXL_HINT)
+            half_dtypes = backbone_class(detect_backbone(Path(source))).half_dtypes
         offload, keep_loaded = MEMORY_MODES[memory]
         device = host.compute_device()
-        torch_dtype = resolve_dtype(dtype, device)
-        host.free_memory_for_heavy_work()
-        backbone = load_backbone(source, dtype=torch_dtype,
-                                 device=device if keep_loaded else host.offload_device())
-        host.logger.info("loaded %s from %s (%s, %s)", backbone.name, source, backbone.dtype, backbone.device)
+        torch_dtype = resolve_dtype(host.weight_dtype(dtype, device, half_dtypes), device, half_dtypes)  # checked for the GPU
+        # read on the offload device; the nodes place the weights through ComfyUI's model management
+        backbone = load_backbone(source, dtype=torch_dtype, device=host.offload_device())
+        host.logger.info("loaded %s from %s (%s, memory %s)", backbone.name, source, backbone.dtype, memory)
         return (BackboneHandle(backbone=backbone, offload=offload, keep_loaded=keep_loaded, source=source),)
 
 

@@ -68,7 +68,9 @@ class InjectedSampler:
         inversion = features.source.inversion
         first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
                                           source_wh=features.source.source_wh)
-        with host.on_compute_device(backbone) as model:
+        frames = host.frames_per_call(backbone.backbone, inversion.num_frames, inversion.windows)
+        with host.on_compute_device(backbone, frames=frames, size_wh=inversion.size_wh, rows=3,
+                                    decode_chunk_size=decode_chunk_size) as model:
             latents = sample_edit(model, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
                                   injection=features.injection_for(model), cfg=cfg, start_index=features.start_index,
                                   sampler=None if sampler == "auto" else sampler, seed=ddpm_seed,

@@ -167,7 +167,8 @@ class AnyV2VFlowInvertVideo:
                 raise AnyV2VError("empty_prompt: connect CLIPTextEncode of an empty text (the source branch's prompt)")
             (source_row,) = model.rows_for(frames[:1], [empty_prompt], num_frames=frame_count,
                                            clip_vision_output=clip_vision_output)
-        with host.on_compute_device(backbone) as running:
+        with host.on_compute_device(backbone, frames=host.frames_per_call(model, frame_count, windows),
+                                    size_wh=(width, height), rows=1) as running:
             inversion = invert_video(running, frames, inversion_steps=steps, sampling_steps=steps, fps=fps,
                                      order=ORDERS[order], windows=windows,
                                      source_row=source_row, progress=host.progress_bar(steps))
@@ -226,7 +227,8 @@ class AnyV2VWanSampler:
                                           source_wh=features.source.source_wh)
         rows = model.rows_for(first_frame, [negative, positive], num_frames=inversion.num_frames,
                               clip_vision_output=clip_vision_output)
-        with host.on_compute_device(backbone) as running:
+        with host.on_compute_device(backbone, frames=inversion.num_frames, size_wh=inversion.size_wh,
+                                    rows=3) as running:
             latents = sample_edit(running, inversion, first_frame, prompt="", negative_prompt="",
                                   injection=features.injection_for(running), cfg=cfg, start_index=features.start_index,
                                   edit_rows=tuple(rows),

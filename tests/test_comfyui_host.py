@@ -417,3 +417,42 @@ def test_a_size_no_widget_can_give_fails_the_inversion_before_it_starts(server):
     print(f"width 100 -> execution error in {seen['error']['node_type']}: {seen['error']['exception_message']}")
     assert seen["error"]["node_id"] == inverter and "multiples of 8" in seen["error"]["exception_message"]
     assert seen["progress"] == 0, "the inversion started"
+
+
+# ---------------------------------------------------------------------------------------------- memory accounting
+
+
+def log_since(server: ComfyServer, offset: int) -> str:
+    return server.log_path.read_text(errors="replace")[offset:]
+
+
+def test_comfyui_accounts_for_a_kept_backbone_and_its_unload_releases_it(server):
+    """With "keep loaded", ComfyUI's model management holds the backbone (its load request is in the
+    log) and the pack unloads nothing itself; ComfyUI's own unload (POST /free) evicts it; a workflow
+    with another model (the built-in InstructPix2Pix edit, then AnyV2V) still runs in the same server."""
+    start = len(server.log_path.read_text(errors="replace"))
+    prompt = api_workflow("anyv2v_external_first_frame.json")
+    prompt[node_id(prompt, "LoadI2VBackbone")]["inputs"]["memory"] = "keep loaded"
+    prompt[node_id(prompt, "InjectedSampler")]["inputs"]["prompt"] = "a yellow square moving"  # not cached
+    seen = server.run(prompt)
+    assert seen["error"] is None, f"execution error: {seen['error']}\n{server.log_tail()}"
+    log = log_since(server, start)
+    assert "Requested to load AnyV2VBackboneModules" in log, f"ComfyUI was not asked to load the backbone:\n{log}"
+    assert "ComfyUI unloads" not in log, "a model was unloaded though nothing needed the memory"
+
+    start = len(server.log_path.read_text(errors="replace"))
+    assert server.post("/free", {"unload_models": True}) == 200
+    deadline = time.monotonic() + 60
+    while "ComfyUI unloads i2vgen-xl" not in log_since(server, start):
+        assert time.monotonic() < deadline, f"ComfyUI's unload did not reach the backbone:\n{server.log_tail()}"
+        time.sleep(0.5)
+    print(f"\nComfyUI's unload: {log_since(server, start).strip().splitlines()[-1]}")
+
+    start = len(server.log_path.read_text(errors="replace"))
+    prompt = api_workflow("anyv2v_prompt_edit.json")
+    prompt[node_id(prompt, "LoadI2VBackbone")]["inputs"]["memory"] = "keep loaded"
+    seen = server.run(prompt)
+    assert seen["error"] is None, f"execution error: {seen['error']}\n{server.log_tail()}"
+    _, count, _ = read_output_video(server, seen["history"])
+    assert count == FRAMES
+    assert "Requested to load AnyV2VBackboneModules" in log_since(server, start), "the backbone was not loaded again"

@@ -25,6 +25,7 @@ from ..schedule import NoiseSchedule
 from ..video import check_size
 
 if TYPE_CHECKING:
+    from ..memory import ActivationProfile
     from ..windows import ContextWindows
 
 
@@ -119,6 +120,13 @@ class Backbone(ABC):
     # <= this timestep, when set (SEINE's reference starts from its noisiest saved latent, t=997);
     # None: at the first sampling timestep.
     start_timestep: int | None = None
+    # Half precisions in the family's order of preference: dtype "auto" on a GPU takes the first one
+    # it runs natively (loading.resolve_dtype; bf16 needs compute capability 8.0).
+    half_dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    # Peak activation bytes per element of the real architecture (memory.ActivationProfile,
+    # measured by benchmarks/memory_table.py): what memory budgets and the `auto` memory mode use;
+    # None: not measured (the estimates then count the weights only).
+    activation_profile: "ActivationProfile | None" = None
 
     @abstractmethod
     def condition(

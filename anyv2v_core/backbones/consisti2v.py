@@ -30,10 +30,12 @@ import torch
 
 from ..errors import ModelLoadError
 from ..diffusion_schedule import DiffusionSchedule
+from ..memory import ActivationProfile
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .checkpoints import load_state_dict_file
 from .consisti2v_unet import ConsistI2VUNet, ConsistI2VUNetConfig
-from .vae_frames import decode_latents, encode_frames
+from .rotary import cast_keeping_rotary_float32
+from .vae_frames import FirstFrameLatent, decode_latents, encode_frames
 
 logger = logging.getLogger("AnyV2V")
 
@@ -100,6 +102,7 @@ class ConsistI2VBackbone(Backbone):
     name = "consisti2v"
     defaults = DEFAULTS
     injection_layers = INJECTION_LAYERS
+    activation_profile = ActivationProfile(unet=8675, vae=768)  # benchmarks/memory_table.py, docs/memory.md
     conditioning_frames = 1  # the first frame is a condition; latents hold frames 1..F-1
 
     def __init__(self, *, unet: ConsistI2VUNet, vae, text_encoder, tokenizer, scheduler_config: dict,
@@ -116,6 +119,7 @@ class ConsistI2VBackbone(Backbone):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._first_frame_latent = FirstFrameLatent()
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -174,7 +178,7 @@ class ConsistI2VBackbone(Backbone):
         # ConsistI2V's negative row keeps the first frame (cfg_img = 1 in AnyV2V): `unconditional`
         # only changes the prompt, which the caller already chose; fps does not apply.
         return ConsistI2VRow(text_embeddings=self.encode_prompt(prompt),
-                             first_frame_latents=self.encode_video(first_frame).cpu())
+                             first_frame_latents=self._first_frame_latent.get(first_frame, self.encode_video))
 
     def source_row_for_edit(self, source: ConsistI2VRow, edit: ConsistI2VRow) -> ConsistI2VRow:
         # Reference quirk (AnyV2V sample_with_pnp): the source branch is conditioned on the edited
@@ -200,10 +204,10 @@ class ConsistI2VBackbone(Backbone):
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[ConsistI2VRow]) -> torch.Tensor:
         """Noise [B, C, F-1, h, w] for the generated frames [B, C, F-1, h, w], row b conditioned on
         rows[b]'s first-frame latent and text."""
-        device, dtype = self.device, next(self.unet.parameters()).dtype
-        text = torch.cat([row.text_embeddings for row in rows]).to(device, dtype)
-        first_frames = torch.cat([row.first_frame_latents for row in rows]).to(device, dtype)
-        output = self.unet(latents.to(device, dtype), timestep, text, first_frames, self.frame_stride)
+        on_device = self.offloader.rows_on_device  # built once per set of rows (and window), not every step
+        text = on_device([row.text_embeddings for row in rows], self.dtype)
+        first_frames = on_device([row.first_frame_latents for row in rows], self.dtype)
+        output = self.unet(latents.to(self.device, self.dtype), timestep, text, first_frames, self.frame_stride)
         return output.to(torch.float32)
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
@@ -266,10 +270,9 @@ def load_unet(unet_folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                    (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong)) if v]
         raise ModelLoadError(f"the UNet weights in {unet_folder} do not fit its config: {'; '.join(details)}. "
                              "Is this a ConsistI2V checkpoint with its own unet/config.json?")
-    for key in state_dict:  # cast in place: the file's precision is never held twice
-        state_dict[key] = state_dict[key].to(dtype)
     unet.load_state_dict(state_dict, strict=True, assign=True)
-    return unet.eval().requires_grad_(False)
+    del state_dict  # cast tensor by tensor below: the file's precision is never held twice
+    return cast_keeping_rotary_float32(unet, dtype).eval().requires_grad_(False)
 
 
 def _read_json(path: Path) -> dict:

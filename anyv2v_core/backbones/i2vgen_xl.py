@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..diffusion_schedule import DiffusionSchedule
+from ..memory import ActivationProfile
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
-from .vae_frames import decode_latents, encode_frames
+from .vae_frames import FirstFrameLatent, decode_latents, encode_frames
 
 NEGATIVE_PROMPT = (
     "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
@@ -70,6 +71,7 @@ class I2VGenXLBackbone(Backbone):
     name = "i2vgen-xl"
     defaults = DEFAULTS
     injection_layers = INJECTION_LAYERS
+    activation_profile = ActivationProfile(unet=10728, vae=768)  # benchmarks/memory_table.py, docs/memory.md
 
     def __init__(self, *, unet, vae, text_encoder, tokenizer, image_encoder, clip_image_config: dict,
                  scheduler_config: dict, device: torch.device, dtype: torch.dtype) -> None:
@@ -85,6 +87,7 @@ class I2VGenXLBackbone(Backbone):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._first_frame_latent = FirstFrameLatent()
 
     @classmethod
     def from_folder(cls, folder: Path, *, dtype: torch.dtype, device: torch.device, variant: str | None,
@@ -143,21 +146,28 @@ class I2VGenXLBackbone(Backbone):
 
     @torch.inference_mode()
     def encode_first_frame_latents(self, first_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
-        latent = self.encode_video(first_frame)  # [1, C, 1, h, w]
+        """[1, C, F, h, w] on the CPU: the first frame's latent, then the frame-position frames."""
+        latent = self._first_frame_latent.get(first_frame, self.encode_video)  # [1, C, 1, h, w]
         positions = [torch.full_like(latent, (i + 1) / (num_frames - 1)) for i in range(num_frames - 1)]
         return torch.cat([latent, *positions], dim=2)
 
     @torch.inference_mode()
+    def encode_image(self, first_frame: torch.Tensor) -> torch.Tensor:
+        """[1, 1, D'] CLIP image embedding of a frame [1, H, W, 3], float32 on the CPU."""
+        pixels = self.clip_pixels(first_frame).to(self.device, self.dtype)
+        return self.image_encoder(pixels).image_embeds.unsqueeze(1).to("cpu", torch.float32)
+
+    @torch.inference_mode()
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> I2VGenXLRow:
-        pixels = self.clip_pixels(first_frame).to(self.device, self.image_encoder.dtype)
-        image_embeddings = self.image_encoder(pixels).image_embeds.unsqueeze(1).to(torch.float32)
-        if unconditional:
-            image_embeddings = torch.zeros_like(image_embeddings)
+        if unconditional:  # the negative row's image embedding is zero: the image encoder need not run
+            image_embeddings = torch.zeros(1, 1, self.image_encoder.config.projection_dim)
+        else:
+            image_embeddings = self.encode_image(first_frame)
         return I2VGenXLRow(
             text_embeddings=self.encode_prompt(prompt),
-            image_embeddings=image_embeddings.cpu(),
-            image_latents=self.encode_first_frame_latents(first_frame, num_frames).cpu(),
+            image_embeddings=image_embeddings,
+            image_latents=self.encode_first_frame_latents(first_frame, num_frames),
             fps=int(fps),
         )
 
@@ -169,12 +179,13 @@ class I2VGenXLBackbone(Backbone):
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[I2VGenXLRow]) -> torch.Tensor:
-        device, dtype = self.device, self.dtype  # not unet.dtype: diffusers walks every submodule to answer it
-        text = torch.cat([row.text_embeddings for row in rows]).to(device, dtype)
-        image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device, dtype)
-        image_latents = torch.cat([row.image_latents for row in rows]).to(device, dtype)
-        fps = torch.tensor([row.fps for row in rows], device=device)
-        output = self.unet(latents.to(device, dtype), timestep, fps=fps, image_latents=image_latents,
+        dtype = self.dtype  # not unet.dtype: diffusers walks every submodule to answer it
+        on_device = self.offloader.rows_on_device  # built once per set of rows (and window), not every step
+        text = on_device([row.text_embeddings for row in rows], dtype)
+        image_embeddings = on_device([row.image_embeddings for row in rows], dtype)
+        image_latents = on_device([row.image_latents for row in rows], dtype)
+        fps = torch.tensor([row.fps for row in rows]).to(self.device, non_blocking=True)
+        output = self.unet(latents.to(self.device, dtype), timestep, fps=fps, image_latents=image_latents,
                            image_embeddings=image_embeddings, encoder_hidden_states=text, return_dict=False)[0]
         return output.to(torch.float32)
 

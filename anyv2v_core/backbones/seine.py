@@ -23,10 +23,12 @@ import torch
 
 from ..errors import ModelLoadError
 from ..diffusion_schedule import DiffusionSchedule
+from ..memory import ActivationProfile
 from .base import Backbone, BackboneDefaults, RowCondition
 from .checkpoints import is_safetensors_file, load_state_dict_file
 from .seine_unet import DEFAULT_INJECTION_LAYERS, SeineUNet3D, SeineUNetConfig
-from .vae_frames import decode_latents, encode_frames
+from .rotary import cast_keeping_rotary_float32
+from .vae_frames import FirstFrameLatent, decode_latents, encode_frames
 
 DEFAULTS = BackboneDefaults(
     size_wh=(512, 512),
@@ -61,6 +63,7 @@ class SeineBackbone(Backbone):
     name = "seine"
     defaults = DEFAULTS
     injection_layers = DEFAULT_INJECTION_LAYERS
+    activation_profile = ActivationProfile(unet=8070, vae=768)  # benchmarks/memory_table.py, docs/memory.md
     sampler = "ddpm"  # the reference's edit sampler; "ddim" is the deterministic alternative
     start_timestep = 997  # the reference saves inverted latents every 4th step and edits from the noisiest
 
@@ -73,6 +76,7 @@ class SeineBackbone(Backbone):
         self.device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self._grey_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._first_frame_latent = FirstFrameLatent()
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -105,7 +109,7 @@ class SeineBackbone(Backbone):
                   unconditional: bool = False) -> SeineRow:
         # The negative row keeps the first frame too (the reference feeds it the same masked video).
         height, width = first_frame.shape[1:3]
-        first = self.encode_video(first_frame).cpu()  # [1, C, 1, h, w]
+        first = self._first_frame_latent.get(first_frame, self.encode_video)  # [1, C, 1, h, w]
         # every grey frame encodes to the same latent, so it is encoded once
         masked = torch.cat([first, self.grey_latent(height, width).expand(-1, -1, num_frames - 1, -1, -1)], dim=2)
         mask = torch.ones(1, 1, *masked.shape[2:])
@@ -120,12 +124,12 @@ class SeineBackbone(Backbone):
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: int, rows: Sequence[SeineRow]) -> torch.Tensor:
-        device, dtype = self.device, self.unet.dtype
-        sample = torch.cat(
-            [latents, torch.cat([row.mask for row in rows]), torch.cat([row.masked_latents for row in rows])], dim=1
-        )  # [B, 4 + 1 + 4, F, h, w]
-        text = torch.cat([row.text_embeddings for row in rows])
-        output = self.unet(sample.to(device, dtype), int(timestep), text.to(device, dtype))
+        on_device = self.offloader.rows_on_device  # built once per set of rows (and window), not every step
+        mask = on_device([row.mask for row in rows], self.dtype)
+        masked_latents = on_device([row.masked_latents for row in rows], self.dtype)
+        sample = torch.cat([latents.to(self.device, self.dtype), mask, masked_latents], dim=1)  # [B, 4 + 1 + 4, F, h, w]
+        text = on_device([row.text_embeddings for row in rows], self.dtype)
+        output = self.unet(sample, int(timestep), text)
         return output.to(torch.float32)
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 1, progress=None) -> torch.Tensor:
@@ -183,7 +187,8 @@ def load_seine_unet(config: SeineUNetConfig, checkpoint: str | os.PathLike, *, d
             "Use the official seine.pt (or its safetensors conversion) with the CompVis/stable-diffusion-v1-4 configs"
         )
     unet.load_state_dict(state, strict=True, assign=True)
-    return unet.to(dtype).eval().requires_grad_(False)
+    del state
+    return cast_keeping_rotary_float32(unet, dtype).eval().requires_grad_(False)
 
 
 def load_seine(sd_folder: str | os.PathLike, checkpoint: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

@@ -6,11 +6,14 @@ the SD VAE; going one frame (or chunk) at a time keeps the VAE's peak memory ind
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from ..memory import guard_out_of_memory
+
+logger = logging.getLogger("AnyV2V")
 
 
 @torch.inference_mode()
@@ -29,19 +32,54 @@ def encode_frames(vae, frames: torch.Tensor, *, scaling_factor: float, device: t
     return torch.stack(latents, dim=2)
 
 
+class FirstFrameLatent:
+    """The latent of the last first frame encoded (on the CPU): an edit's negative and positive rows
+    are conditioned on the same edited frame, which is then encoded once."""
+
+    def __init__(self) -> None:
+        self._frame: torch.Tensor | None = None
+        self._latent: torch.Tensor | None = None
+
+    def get(self, frame: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[1, C, 1, h, w] latent of `frame` [1, H, W, 3], from `encode` unless it is the last frame seen."""
+        frame = frame.cpu()
+        if self._frame is None or self._frame.shape != frame.shape or not torch.equal(self._frame, frame):
+            self._latent = encode(frame).cpu()
+            self._frame = frame.clone()
+        return self._latent
+
+
+def float32_copy(vae):
+    """A float32 copy of a half-precision VAE on the same device (built on the meta device, so no
+    random initialisation), for the chunks whose half-precision decode overflows."""
+    with torch.device("meta"):
+        copy = type(vae).from_config(vae.config)
+    copy.load_state_dict({key: value.to(torch.float32) for key, value in vae.state_dict().items()}, assign=True)
+    return copy.eval().requires_grad_(False)
+
+
 @guard_out_of_memory("decoding")
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor, *, scaling_factor: float, device: torch.device,
                    chunk_size: int = 1, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w], `chunk_size` frames at a time.
 
+    A chunk whose half-precision decode is not finite (the SD VAE's activations can exceed fp16's
+    range) is decoded again in float32, rather than clamped into a wrong image.
     `progress(frames done, frames)` is called after each chunk; it may raise to cancel."""
     frames_latents = latents[0].permute(1, 0, 2, 3) / scaling_factor  # [F, C, h, w]
     chunk_size = max(1, int(chunk_size))
-    frames = []
+    frames, vae_float32 = [], None
     for start in range(0, frames_latents.shape[0], chunk_size):
-        chunk = frames_latents[start : start + chunk_size].to(device, vae.dtype)
-        pixels = vae.decode(chunk, return_dict=False)[0]
+        chunk = frames_latents[start : start + chunk_size].to(device)
+        pixels = vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
+        if vae.dtype != torch.float32 and not torch.isfinite(pixels).all():
+            logger.warning("the %s VAE decode of frames %d-%d overflowed; decoding them in float32",
+                           str(vae.dtype).removeprefix("torch."), start, start + chunk.shape[0] - 1)
+            del pixels
+            if vae_float32 is None:
+                vae_float32 = float32_copy(vae)
+            pixels = vae_float32.decode(chunk.to(torch.float32), return_dict=False)[0]
         frames.append((pixels.to(torch.float32) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         if progress is not None:
             progress(start + chunk.shape[0], frames_latents.shape[0])

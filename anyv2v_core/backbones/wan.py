@@ -122,6 +122,7 @@ class WanBackbone(Backbone):
 
     sampler = None  # the flow solver of the inversion order
     inversion_order = 2
+    half_dtypes = (torch.bfloat16, torch.float16)  # trained in bf16: dtype "auto" takes it where the GPU runs it
 
     def __init__(self, *, name: str, defaults: BackboneDefaults, schedule: FlowMatchingSchedule,
                  transformers: dict[str, torch.nn.Module], vae, text_encoder, tokenizer, image_encoder=None,
