@@ -48,6 +48,7 @@ SAMPLING = "tests/test_sampling_behaviour.py::"
 ENGINE = "tests/test_engine.py::"
 EDITS = "tests/test_backbone_edits.py::"
 NODES = "tests/test_nodes.py::"
+WAN = "tests/test_wan.py::"
 
 MUTATIONS = [
     # ------------------------------------------------------------------ the bugs of issue 13's table
@@ -144,6 +145,30 @@ MUTATIONS = [
     Mutation("replayed-noise-ignored", "anyv2v_core/schedule.py",
              "noise = self.replay[self.drawn]", "noise = torch.randn(like.shape, generator=self.generator)",
              ("tests/test_seine_pipeline.py",)),
+    # ------------------------------------------------------------------ rectified flow and Wan (flow_schedule.py, wan.py)
+    Mutation("flow-shift-lost", "anyv2v_core/flow_schedule.py",
+             "sigmas.append(as_float32(self.shift * s / (1 + (self.shift - 1) * s)))",
+             "sigmas.append(as_float32(s))",
+             (WAN + "test_flow_sigmas_are_the_uniform_grid_bent_by_the_shift_as_diffusers_shifts_it",)),
+    Mutation("midpoint-becomes-euler", "anyv2v_core/flow_schedule.py",
+             "        if self.order == 2:\n            halfway", "        if self.order == 3:\n            halfway",
+             (WAN + "test_round_trip_error_falls_with_steps_and_second_order_wins_at_equal_calls",)),
+    Mutation("experts-switched-the-wrong-way", "anyv2v_core/backbones/wan.py",
+             "if self.boundary_time is None or time >= self.boundary_time:",
+             "if self.boundary_time is None or time < self.boundary_time:",
+             (WAN + "test_a14b_switches_experts_at_the_same_sigma_in_inversion_and_sampling",
+              WAN + "test_taus_zero_is_diffusers_image_to_video_from_the_inverted_latent")),
+    Mutation("ti2v-first-frame-not-clean", "anyv2v_core/backbones/wan.py",
+             "        per_token[0] = 0  # the clean first frame", "        per_token[0] = timestep",
+             (WAN + "test_taus_zero_is_diffusers_image_to_video_from_the_inverted_latent",)),
+    Mutation("one-row-at-a-time-loses-the-source", "anyv2v_core/injection.py",
+             "                self.events[kind] += 1\n                return self.source_outputs[module]",
+             "                self.events[kind] += 1\n                return None",
+             (WAN + "test_rows_one_at_a_time_give_the_batched_edit",)),
+    Mutation("native-velocity-sign", "nodes/comfy_wan.py",
+             "return ((x - denoised) / sigma).to(\"cpu\", torch.float32)",
+             "return ((denoised - x) / sigma).to(\"cpu\", torch.float32)",
+             ("tests/test_comfyui_wan.py::test_without_injection_the_edit_is_comfyuis_own_euler_sampler_and_follows_the_models_shift",)),
     # ------------------------------------------------------------------ windows.py
     Mutation("windows-not-normalised", "anyv2v_core/windows.py",
              "return blended / total[None, None, :, None, None]", "return blended",
@@ -225,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mutation.name:40} {mutation.path}")
         return 0
     if not os.environ.get("COMFYUI_PYTHON"):
-        for mutation in [m for m in chosen if any("test_comfyui_host.py" in test for test in m.tests)]:
+        for mutation in [m for m in chosen if any("test_comfyui_" in test for test in m.tests)]:
             print(f"not run   {mutation.name}: its test starts a real ComfyUI (set COMFYUI_PYTHON and COMFYUI_DIR)")
             chosen.remove(mutation)
 
