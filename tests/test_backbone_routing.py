@@ -1,6 +1,5 @@
 """load_backbone picks each backbone from its folder; the convert command makes SEINE's pickle safe."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -8,7 +8,6 @@ a predicate), and draws from valid values, near-misses and values of the wrong t
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings

@@ -58,8 +58,7 @@ WAN22_TI2V_DEFAULTS = _wan_defaults((1280, 704), 121, 24, steps=25, cfg=5.0, shi
 
 # Which transformer blocks have their self-attention Q/K injected: all of them by default (a DiT has
 # no encoder/decoder hierarchy to pick the UNets' decoder half from; see docs/wan.md for the
-# measurements), "late" the second half, or explicit indices.
-BLOCK_SETS = ("all", "early", "late")
+# measurements), "early" / "late" the first / second half, or explicit indices.
 
 
 def attention_block_indices(blocks: str, num_blocks: int) -> tuple[int, ...]:
