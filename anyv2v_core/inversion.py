@@ -95,8 +95,7 @@ def invert_video(
         raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
     order = backbone.inversion_order if order is None else order
     schedule = backbone.schedule
-    schedule.check_method(None, order)
-    schedule.check_inversion_steps(inversion_steps, sampling_steps, order)
+    schedule.check_inversion_steps(inversion_steps, sampling_steps, order)  # the order too
     frames = check_frames(frames, "source frames", min_frames=2)
     backbone.check_video_shape(int(frames.shape[0]), (int(frames.shape[2]), int(frames.shape[1])))
     check_frame_count(backbone, int(frames.shape[0]), windows)

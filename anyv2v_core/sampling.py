@@ -100,7 +100,6 @@ def sample_edit(
         raise AnyV2VError(f"this inversion was made with {inversion.backbone_name}, not {backbone.name}; invert again")
     sampler = sampler or backbone.sampler
     schedule = backbone.schedule
-    schedule.check_method(sampler, inversion.order)
     todo = schedule.sampling_steps(steps, sampler=sampler, order=inversion.order)[start_index:]
     plan = InjectionPlan.build(steps, injection, backbone.injection_layers)
     noise_draws = sum(step.draws_noise for step in todo)

@@ -37,9 +37,7 @@ class NoiseSource:
         self.replay, self.drawn = replay, 0
 
     def draw(self, like: torch.Tensor) -> torch.Tensor:
-        if self.replay is not None:
-            if self.drawn >= len(self.replay):
-                raise AnyV2VError(f"{len(self.replay)} replayed noise tensors are too few for this sampling run")
+        if self.replay is not None:  # sample_edit checked that there are enough
             noise = self.replay[self.drawn]
         else:
             noise = torch.randn(like.shape, generator=self.generator)
@@ -49,7 +47,7 @@ class NoiseSource:
 
 class SamplingStep(ABC):
     """One denoising step from noise level `start`; `source_levels` are the inverted latents the
-    source branch reads while it runs (one per model evaluation)."""
+    source branch reads while it runs (one per model evaluation, `start` first)."""
 
     start: Level
     source_levels: tuple[Level, ...]
@@ -104,4 +102,4 @@ class NoiseSchedule(ABC):
     def source_levels(self, sampling_steps: int, *, sampler: str | None = None, order: int = 1) -> set[Level]:
         """Every inverted latent a sampling run of `sampling_steps` reads."""
         steps = self.sampling_steps(sampling_steps, sampler=sampler, order=order)
-        return {level for step in steps for level in step.source_levels} | {step.start for step in steps}
+        return {level for step in steps for level in step.source_levels}

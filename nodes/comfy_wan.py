@@ -26,7 +26,7 @@ import torch
 import comfy.model_management
 import comfy.samplers
 from anyv2v_core.backbones.base import Backbone, InjectionLayers, RowCondition
-from anyv2v_core.backbones.wan import TEMPORAL_STRIDE, WAN_DEFAULTS, attention_block_indices
+from anyv2v_core.backbones.wan import TEMPORAL_STRIDE, WAN_DEFAULTS, attention_block_indices, first_frame_then_grey
 from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.flow_schedule import FlowMatchingSchedule, as_float32
 
@@ -130,12 +130,6 @@ class ComfyWanBackbone(Backbone):
     def condition(self, first_frame, prompt, *, num_frames, fps, unconditional=False):
         raise AnyV2VError("the native Wan backbone is conditioned with ComfyUI CONDITIONING (rows_for), not prompt text")
 
-    def first_frame_video_latents(self, first_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """VAE latents [1, C, F', h, w] of [first frame, grey, ...], as WanImageToVideo encodes its start image."""
-        video = torch.full((num_frames, *first_frame.shape[1:]), 0.5)
-        video[0] = first_frame[0]
-        return self.vae.encode(video[..., :3])
-
     def rows_for(self, first_frame: torch.Tensor, conditionings: Sequence[list], *, num_frames: int,
                  clip_vision_output=None) -> list[ComfyWanRow]:
         """One row per CONDITIONING, all with the first frame [1, H, W, 3] as their image condition
@@ -143,7 +137,7 @@ class ComfyWanBackbone(Backbone):
         if self.kind == "wan2.1-i2v" and clip_vision_output is None:
             raise AnyV2VError("clip_vision_output: Wan 2.1 I2V needs the CLIP vision output of the first frame; connect "
                               "CLIPVisionEncode (clip_vision_h, crop none) of that frame")
-        image_latents = self.first_frame_video_latents(first_frame, num_frames)
+        image_latents = self.vae.encode(first_frame_then_grey(first_frame, num_frames))  # as WanImageToVideo does
         mask = torch.ones(1, 1, *image_latents.shape[2:])
         mask[:, :, 0] = 0  # ComfyUI's mask: 0 where the frame is known
         values = {"concat_latent_image": image_latents, "concat_mask": mask}

@@ -33,19 +33,22 @@ def encode_frames(vae, frames: torch.Tensor, *, scaling_factor: float, device: t
 
 
 class FirstFrameLatent:
-    """The latent of the last first frame encoded (on the CPU): an edit's negative and positive rows
+    """The encoding of the last first frame encoded (on the CPU): an edit's negative and positive rows
     are conditioned on the same edited frame, which is then encoded once."""
 
     def __init__(self) -> None:
         self._frame: torch.Tensor | None = None
+        self._key: tuple = ()
         self._latent: torch.Tensor | None = None
 
-    def get(self, frame: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """[1, C, 1, h, w] latent of `frame` [1, H, W, 3], from `encode` unless it is the last frame seen."""
+    def get(self, frame: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], key: tuple = ()) -> torch.Tensor:
+        """`encode(frame)` for `frame` [1, H, W, 3] (a latent, or any encoding of it), unless it is the
+        last frame seen with the same `key` (what else the encoding depends on, e.g. a frame count)."""
         frame = frame.cpu()
-        if self._frame is None or self._frame.shape != frame.shape or not torch.equal(self._frame, frame):
+        if (self._frame is None or self._key != key or self._frame.shape != frame.shape
+                or not torch.equal(self._frame, frame)):
             self._latent = encode(frame).cpu()
-            self._frame = frame.clone()
+            self._frame, self._key = frame.clone(), key
         return self._latent
 
 

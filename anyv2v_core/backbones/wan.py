@@ -34,6 +34,7 @@ from ..errors import AnyV2VError, ModelLoadError
 from ..flow_schedule import FlowMatchingSchedule, SigmaSpacing
 from ..windows import ContextWindows
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
+from .vae_frames import FirstFrameLatent
 
 TEXT_TOKENS = 512  # Wan's text context; its image cross-attention takes every token before the last 512
 TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first)
@@ -89,6 +90,14 @@ def injection_layers_for(experts: Sequence[str], blocks: Sequence[int]) -> Injec
     return InjectionLayers(attention=tuple(f"{expert}.blocks.{i}.attn1" for expert in experts for i in blocks))
 
 
+def first_frame_then_grey(first_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The video [F, H, W, 3] Wan's image-to-video models encode as their first-frame condition: the
+    frame [1, H, W, 3], then mid-grey frames (0 in the VAE's [-1, 1])."""
+    video = torch.full((num_frames, *first_frame.shape[1:]), 0.5)
+    video[0] = first_frame[0]
+    return video
+
+
 def clean_prompt(prompt: str) -> str:
     """The prompt as Wan's text encoder was trained on it: mojibake fixed (ftfy), HTML entities
     unescaped twice, whitespace collapsed."""
@@ -142,6 +151,8 @@ class WanBackbone(Backbone):
         self.injection_layers = injection_layers_for(list(transformers), blocks)
         self.device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
+        # the negative and positive rows share the edited frame: its VAE and CLIP encodings run once
+        self._first_frame_latents, self._first_frame_tokens = FirstFrameLatent(), FirstFrameLatent()
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -205,14 +216,15 @@ class WanBackbone(Backbone):
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> WanRow:
         # Wan's negative row keeps the image conditioning: only the prompt differs.
-        height, width = first_frame.shape[1:3]
-        video = torch.full((num_frames, height, width, 3), 0.5)  # grey: 0 in the VAE's [-1, 1]
-        video[0] = first_frame[0]
-        latents = self.encode_video(video).cpu()  # [1, C, F', h, w]
+        latents = self._first_frame_latents.get(  # [1, C, F', h, w]
+            first_frame, lambda frame: self.encode_video(first_frame_then_grey(frame, num_frames)), key=(num_frames,))
         mask = torch.zeros(1, TEMPORAL_STRIDE, *latents.shape[2:])
         mask[:, :, 0] = 1  # the first latent frame holds one known video frame, repeated over the 4 mask channels
+        image_embeddings = None
+        if self.image_encoder is not None:
+            image_embeddings = self._first_frame_tokens.get(first_frame, self.encode_image)
         return WanRow(text_embeddings=self.encode_prompt(prompt), image_condition=torch.cat([mask, latents], dim=1),
-                      image_embeddings=None if self.image_encoder is None else self.encode_image(first_frame))
+                      image_embeddings=image_embeddings)
 
     # ------------------------------------------------------------------------------------------ networks
 
@@ -270,7 +282,7 @@ class WanTI2VBackbone(WanBackbone):
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> WanTI2VRow:
         return WanTI2VRow(text_embeddings=self.encode_prompt(prompt),
-                          first_frame_latents=self.encode_video(first_frame).cpu())
+                          first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video))
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[WanTI2VRow]) -> torch.Tensor:
