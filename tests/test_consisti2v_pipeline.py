@@ -22,6 +22,11 @@ from conftest import oracle_path
 PROMPT = "a blue square moving over a colorful gradient"
 
 
+# The reference's float32 VAE encodings were made on another CPU: summation order alone moves them by
+# ~1e-6 of their range across CPU families (1.2e-6 on an AMD EPYC), so latents are compared at 5e-6.
+ENCODING_TOLERANCE = 5e-6
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
@@ -115,9 +120,9 @@ def test_text_and_first_frame_conditioning_match_reference(backbone, reference, 
         assert torch.equal(ids, reference[f"text.{name}.input_ids"]), name
         assert relative_error(backbone.encode_prompt(prompt), reference[f"text.{name}.embeds"]) < 1e-5, name
     video = backbone.encode_video(source_frames)  # VAE posterior mean * 0.18215
-    assert relative_error(video, reference["encode.video_latents_at_0"]) < 1e-6
+    assert relative_error(video, reference["encode.video_latents_at_0"]) < ENCODING_TOLERANCE
     edited = backbone.encode_video(edited_first_frame)[:, :, 0]
-    assert relative_error(edited, reference["encode.edited_first_frame_latent"]) < 1e-6
+    assert relative_error(edited, reference["encode.edited_first_frame_latent"]) < ENCODING_TOLERANCE
 
 
 class Stop(Exception):
@@ -142,9 +147,9 @@ def test_inversion_matches_reference(backbone, source_frames, reference):
     targets = reference["inversion.all_timesteps_ascending"].tolist()
     assert [int(args[1]) for args in calls.inputs] == targets[:22]
     first_frame = reference["encode.source_first_frame_latent"]
-    assert all(relative_error(args[3][:, :, 0], first_frame) < 1e-6 for args in calls.inputs)  # source first frame
+    assert all(relative_error(args[3][:, :, 0], first_frame) < ENCODING_TOLERANCE for args in calls.inputs)  # source first frame
     # the sampling state is frames 1..F-1: the first frame is conditioning, never inverted
-    assert relative_error(calls.inputs[0][0], reference["encode.video_latents_at_0"][:, :, 1:]) < 1e-6
+    assert relative_error(calls.inputs[0][0], reference["encode.video_latents_at_0"][:, :, 1:]) < ENCODING_TOLERANCE
     checked = 0
     for k, t in enumerate(timesteps):
         step = targets.index(t) + 1
@@ -164,7 +169,7 @@ def test_edit_first_step_is_the_reference_batch(edit, reference):
     assert relative_error(sample, reference["pnp.step0_unet_input.sample"]) < 1e-4
     assert relative_error(text, reference["pnp.step0_unet_input.encoder_hidden_states"]) < 1e-5
     assert torch.equal(first_frames[0], first_frames[1]) and torch.equal(first_frames[1], first_frames[2])
-    assert relative_error(first_frames, reference["pnp.step0_unet_input.first_frame_latents"]) < 1e-6
+    assert relative_error(first_frames, reference["pnp.step0_unet_input.first_frame_latents"]) < ENCODING_TOLERANCE
     assert relative_error(calls.outputs[0], reference["pnp.step0_unet_output"]) < 1e-4  # injection active
 
 
@@ -199,5 +204,5 @@ def test_corrected_variant_conditions_the_source_row_on_the_source_first_frame(
     finally:
         backbone.source_branch_first_frame = "edited"
     first_frames = calls.inputs[0][3]
-    assert relative_error(first_frames[0, :, 0], reference["encode.source_first_frame_latent"][0]) < 1e-6
-    assert relative_error(first_frames[1:, :, 0], reference["encode.edited_first_frame_latent"].expand(2, -1, -1, -1)) < 1e-6
+    assert relative_error(first_frames[0, :, 0], reference["encode.source_first_frame_latent"][0]) < ENCODING_TOLERANCE
+    assert relative_error(first_frames[1:, :, 0], reference["encode.edited_first_frame_latent"].expand(2, -1, -1, -1)) < ENCODING_TOLERANCE
