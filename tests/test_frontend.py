@@ -173,7 +173,7 @@ def frontend_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(frontend_server):
+def browser(request):
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
     if missing:
         skip_unless_ci(f"{', '.join(missing)} missing: install Debian's chromium and chromium-driver "
@@ -188,6 +188,7 @@ def browser(frontend_server):
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1"):
         options.add_argument(argument)
+    frontend_server = request.getfixturevalue("frontend_server")  # after the checks: they fail in a second
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_script_timeout(PAGE_TIMEOUT_S)
     try:
