@@ -217,7 +217,8 @@ MUTATIONS = [
     # the frontend maps a saved node's widget values to its inputs by position: reordering inputs without
     # migrating the saved workflows shifts every example's values (start_frame 3, every_nth 0)
     Mutation("inputs-reordered-without-migration", "nodes/video.py", SELECT_START + SELECT_EVERY,
-             SELECT_EVERY + SELECT_START, (FRONTEND + "test_workflow_opens_in_the_frontend_as_saved_and_runs_from_the_run_button",)),
+             SELECT_EVERY + SELECT_START,
+             (FRONTEND + "test_workflow_opens_in_the_frontend_as_saved_and_runs_from_the_run_button",)),
 ]
 
 

@@ -232,16 +232,26 @@ def server(tmp_path_factory):
     if not (Path(COMFYUI_DIR) / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py; point it at a ComfyUI checkout")
     root = tmp_path_factory.mktemp("comfyui_host")
-    (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
-    base = root / "base"  # ComfyUI's --base-directory: its own (empty) custom_nodes, models, user data
-    for folder in ("input", "custom_nodes", "models"):
-        (base / folder).mkdir(parents=True)
+    base = comfyui_folders(root)
     add_tiny_unet_models(root / "diffusers", base / "input")
     config = root / "extra_model_paths.yaml"
     config.write_text(f"anyv2v_host_test:\n    custom_nodes: {root / 'custom_nodes'}\n    diffusers: {root / 'diffusers'}\n")
     with running_comfyui(root, base, config) as host:
         yield host
+
+
+def comfyui_folders(root: Path, test_nodes: bool = False) -> Path:
+    """root/custom_nodes with the pack (and, with `test_nodes`, tests/comfyui_test_nodes) for an
+    extra_model_paths.yaml, and ComfyUI's --base-directory root/base (its own empty custom_nodes,
+    models, input folders and user data); returns the base directory."""
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
+    if test_nodes:
+        (root / "custom_nodes" / "anyv2v_test_nodes").symlink_to(REPO_ROOT / "tests" / "comfyui_test_nodes")
+    base = root / "base"
+    for folder in ("input", "custom_nodes", "models"):
+        (base / folder).mkdir(parents=True)
+    return base
 
 
 @contextlib.contextmanager
@@ -323,7 +333,8 @@ def test_saved_files_are_the_output_folders_whatever_else_history_lists():
     """Newer ComfyUI's /history also lists LoadVideo's input file (type "input") and previews (type "temp")."""
     history = {"outputs": {
         "1": {"images": [{"filename": "source.mp4", "subfolder": "", "type": "input"}]},
-        "10": {"images": [{"filename": "AnyV2V_00001_.mp4", "subfolder": "video", "type": "output"}], "animated": [True]},
+        "10": {"images": [{"filename": "AnyV2V_00001_.mp4", "subfolder": "video", "type": "output"}],
+               "animated": [True]},
         "11": {"images": [{"filename": "ComfyUI_temp_00001_.png", "subfolder": "", "type": "temp"}]},
     }}
     assert [item["filename"] for item in saved_files(history)] == ["AnyV2V_00001_.mp4"]

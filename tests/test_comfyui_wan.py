@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, skip_unless_ci
-from test_comfyui_host import COMFYUI_DIR, COMFYUI_PYTHON, ComfyServer, node_id, running_comfyui, saved_files
+from test_comfyui_host import (COMFYUI_DIR, COMFYUI_PYTHON, ComfyServer, comfyui_folders, node_id, running_comfyui,
+                               saved_files)
 
 pytestmark = pytest.mark.comfyui_host
 
@@ -58,12 +59,7 @@ def wan_server(tmp_path_factory):
     if not COMFYUI_DIR:
         skip_unless_ci("COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)")
     root = tmp_path_factory.mktemp("comfyui_wan")
-    (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
-    (root / "custom_nodes" / "anyv2v_test_nodes").symlink_to(REPO_ROOT / "tests" / "comfyui_test_nodes")
-    base = root / "base"
-    for folder in ("input", "custom_nodes"):
-        (base / folder).mkdir(parents=True)
+    base = comfyui_folders(root, test_nodes=True)
     add_tiny_wan_models(base)
     config = root / "extra_model_paths.yaml"
     config.write_text(f"anyv2v_wan_test:\n    custom_nodes: {root / 'custom_nodes'}\n")
@@ -124,7 +120,8 @@ def add_nodes(prompt: dict, nodes: dict) -> dict:
 def saved_latents(server: ComfyServer, seen: dict, prefix: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    files = [item for item in saved_files(seen["history"], "latents") if item["filename"].startswith(prefix.split("/")[-1])]
+    files = [item for item in saved_files(seen["history"], "latents")
+             if item["filename"].startswith(prefix.split("/")[-1])]
     assert len(files) == 1, seen["history"]["outputs"]
     path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
     return load_file(str(path))["latent_tensor"]
