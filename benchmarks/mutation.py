@@ -14,8 +14,8 @@ the file is restored. The run first checks that every listed test passes on the 
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --only tau-rounded v-instead-of-k
     python benchmarks/mutation.py --list
 
-The real-ComfyUI mutation runs where COMFYUI_PYTHON is set (with COMFYUI_DIR, as `.ci/run` sets
-them); elsewhere it is listed as not run.
+The real-ComfyUI mutations (a real server; for the saved-workflow one also its frontend in Chromium) run
+where COMFYUI_PYTHON is set (with COMFYUI_DIR, as `.ci/run` sets them); elsewhere they are listed as not run.
 """
 
 from __future__ import annotations
@@ -45,10 +45,19 @@ class Mutation:
 
 
 SAMPLING = "tests/test_sampling_behaviour.py::"
+FRONTEND = "tests/test_frontend.py::"
+HOST_TESTS = ("tests/test_comfyui_", FRONTEND)  # tests that start a real ComfyUI
 ENGINE = "tests/test_engine.py::"
 EDITS = "tests/test_backbone_edits.py::"
 NODES = "tests/test_nodes.py::"
 WAN = "tests/test_wan.py::"
+
+SELECT_START = """                "start_frame": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                                        "tooltip": "Index of the first frame to keep (0 = the first frame)."}),
+"""
+SELECT_EVERY = """                "every_nth": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                      "tooltip": "Keep one frame out of every n (1 keeps them all)."}),
+"""
 
 MUTATIONS = [
     # ------------------------------------------------------------------ the bugs of issue 13's table
@@ -204,6 +213,12 @@ MUTATIONS = [
              "def VALIDATE_INPUTS(cls, inversion_steps, sampling_steps):",
              "def VALIDATE_INPUTS(cls, width, inversion_steps, sampling_steps):",
              ("tests/test_comfyui_host.py::test_bad_inputs_are_validation_errors_under_the_inputs_they_are_about",)),
+    # ------------------------------------------------------------------ saved workflows
+    # the frontend maps a saved node's widget values to its inputs by position: reordering inputs without
+    # migrating the saved workflows shifts every example's values (start_frame 3, every_nth 0)
+    Mutation("inputs-reordered-without-migration", "nodes/video.py", SELECT_START + SELECT_EVERY,
+             SELECT_EVERY + SELECT_START,
+             (FRONTEND + "test_workflow_opens_in_the_frontend_as_saved_and_runs_from_the_run_button",)),
 ]
 
 
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mutation.name:40} {mutation.path}")
         return 0
     if not os.environ.get("COMFYUI_PYTHON"):
-        for mutation in [m for m in chosen if any("test_comfyui_" in test for test in m.tests)]:
+        for mutation in [m for m in chosen if any(test.startswith(HOST_TESTS) for test in m.tests)]:
             print(f"not run   {mutation.name}: its test starts a real ComfyUI (set COMFYUI_PYTHON and COMFYUI_DIR)")
             chosen.remove(mutation)
 

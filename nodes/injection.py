@@ -75,7 +75,8 @@ class CaptureFeatures:
         "and motion into the edited video. The sampler computes the source branch in the same batch, so "
         "nothing extra is stored. Paper defaults: conv 0.2, spatial 0.2, temporal 0.5; its examples mostly "
         "use temporal 1.0, style edits 1.0 for all three, small prompt edits 0.1-0.3. Wan models have one joint "
-        "attention instead: attention_tau (0.5; raise it when layout or motion drift)."
+        "attention instead: attention_tau (0.5; raise it when layout or motion drift). The editor shows only the taus "
+        "that act on the backbone the inversion comes from."
     )
     CATEGORY = "AnyV2V/sampling"
     RETURN_TYPES = (FEATURES,)

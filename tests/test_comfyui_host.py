@@ -231,22 +231,27 @@ def server(tmp_path_factory):
         skip_unless_ci("COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)")
     if not (Path(COMFYUI_DIR) / "main.py").is_file():
         pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py; point it at a ComfyUI checkout")
-    model = oracle_path("anyv2v-i2vgenxl") / "model"
     root = tmp_path_factory.mktemp("comfyui_host")
-    (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
-    (root / "diffusers").mkdir()
-    (root / "diffusers" / TINY_MODEL).symlink_to(model, target_is_directory=True)
-    build_tiny_instruct_pix2pix(root / "diffusers" / TINY_IP2P)
-    base = root / "base"  # ComfyUI's --base-directory: its own (empty) custom_nodes, models, user data
-    for folder in ("input", "custom_nodes", "models"):
-        (base / folder).mkdir(parents=True)
-    write_source_video(base / "input" / "source.mp4")
-    shutil.copyfile(oracle_path("anyv2v-i2vgenxl") / "edited_first_frame.png", base / "input" / "edited_first_frame.png")
+    base = comfyui_folders(root)
+    add_tiny_unet_models(root / "diffusers", base / "input")
     config = root / "extra_model_paths.yaml"
     config.write_text(f"anyv2v_host_test:\n    custom_nodes: {root / 'custom_nodes'}\n    diffusers: {root / 'diffusers'}\n")
     with running_comfyui(root, base, config) as host:
         yield host
+
+
+def comfyui_folders(root: Path, test_nodes: bool = False) -> Path:
+    """root/custom_nodes with the pack (and, with `test_nodes`, tests/comfyui_test_nodes) for an
+    extra_model_paths.yaml, and ComfyUI's --base-directory root/base (its own empty custom_nodes,
+    models, input folders and user data); returns the base directory."""
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
+    if test_nodes:
+        (root / "custom_nodes" / "anyv2v_test_nodes").symlink_to(REPO_ROOT / "tests" / "comfyui_test_nodes")
+    base = root / "base"
+    for folder in ("input", "custom_nodes", "models"):
+        (base / folder).mkdir(parents=True)
+    return base
 
 
 @contextlib.contextmanager
@@ -286,6 +291,16 @@ def running_comfyui(root: Path, base: Path, config: Path):
             process.wait(timeout=30)
 
 
+def add_tiny_unet_models(diffusers: Path, inputs: Path) -> None:
+    """The tiny I2VGen-XL oracle and a tiny InstructPix2Pix under `diffusers` (a diffusers models folder), the
+    oracle's source clip and edited first frame in `inputs` (ComfyUI's input folder)."""
+    diffusers.mkdir()
+    (diffusers / TINY_MODEL).symlink_to(oracle_path("anyv2v-i2vgenxl") / "model", target_is_directory=True)
+    build_tiny_instruct_pix2pix(diffusers / TINY_IP2P)
+    write_source_video(inputs / "source.mp4")
+    shutil.copyfile(oracle_path("anyv2v-i2vgenxl") / "edited_first_frame.png", inputs / "edited_first_frame.png")
+
+
 def write_source_video(path: Path) -> None:
     from anyv2v_core.video import read_frames, write_video
 
@@ -293,11 +308,17 @@ def write_source_video(path: Path) -> None:
     write_video(path, frames, fps=8)
 
 
+def saved_files(history: dict, key: str = "images") -> list[dict]:
+    """The files a run saved to the output folder, from its /history entry. Newer ComfyUI lists more there
+    (LoadVideo reports its input file, type "input"; previews are type "temp"): only type "output" counts."""
+    return [item for output in history["outputs"].values() for item in output.get(key, [])
+            if item.get("type") == "output"]
+
+
 def read_output_video(server: ComfyServer, history: dict) -> tuple[Path, int, tuple[int, int]]:
     from anyv2v_core.video import read_frames
 
-    files = [item for output in history["outputs"].values() for item in output.get("images", [])
-             if Path(item["filename"]).suffix in (".mp4", ".webm", ".mov")]
+    files = [item for item in saved_files(history) if Path(item["filename"]).suffix in (".mp4", ".webm", ".mov")]
     assert len(files) == 1, f"expected one saved video, got {history['outputs']}"
     path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
     assert path.is_file(), f"{path} was reported but does not exist"
@@ -306,6 +327,17 @@ def read_output_video(server: ComfyServer, history: dict) -> tuple[Path, int, tu
 
 
 # ---------------------------------------------------------------------------------------------- tests
+
+
+def test_saved_files_are_the_output_folders_whatever_else_history_lists():
+    """Newer ComfyUI's /history also lists LoadVideo's input file (type "input") and previews (type "temp")."""
+    history = {"outputs": {
+        "1": {"images": [{"filename": "source.mp4", "subfolder": "", "type": "input"}]},
+        "10": {"images": [{"filename": "AnyV2V_00001_.mp4", "subfolder": "video", "type": "output"}],
+               "animated": [True]},
+        "11": {"images": [{"filename": "ComfyUI_temp_00001_.png", "subfolder": "", "type": "temp"}]},
+    }}
+    assert [item["filename"] for item in saved_files(history)] == ["AnyV2V_00001_.mp4"]
 
 
 def test_pack_loads_and_lists_nodes(server):

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT, skip_unless_ci
-from test_comfyui_host import COMFYUI_DIR, COMFYUI_PYTHON, ComfyServer, node_id, running_comfyui
+from test_comfyui_host import (COMFYUI_DIR, COMFYUI_PYTHON, ComfyServer, comfyui_folders, node_id, running_comfyui,
+                               saved_files)
 
 pytestmark = pytest.mark.comfyui_host
 
@@ -55,27 +58,30 @@ save_file(state, path)
 def wan_server(tmp_path_factory):
     if not COMFYUI_DIR:
         skip_unless_ci("COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)")
+    root = tmp_path_factory.mktemp("comfyui_wan")
+    base = comfyui_folders(root, test_nodes=True)
+    add_tiny_wan_models(base)
+    config = root / "extra_model_paths.yaml"
+    config.write_text(f"anyv2v_wan_test:\n    custom_nodes: {root / 'custom_nodes'}\n")
+    with running_comfyui(root, base, config) as server:
+        yield server
+
+
+def add_tiny_wan_models(base: Path, source: str = "source.mp4", edited_frame: str = "edited_first_frame.png") -> None:
+    """The tiny Wan models and random VAEs under ComfyUI's base folder `base`, a moving-square source clip and an
+    edited first frame in its input folder as `source` and `edited_frame`."""
     from anyv2v_core.tiny_models import moving_square_video, write_tiny_comfyui_wan
     from anyv2v_core.video import write_image, write_video
 
-    root = tmp_path_factory.mktemp("comfyui_wan")
-    (root / "custom_nodes").mkdir()
-    (root / "custom_nodes" / "anyv2v").symlink_to(REPO_ROOT, target_is_directory=True)
-    (root / "custom_nodes" / "anyv2v_test_nodes").symlink_to(REPO_ROOT / "tests" / "comfyui_test_nodes")
-    base = root / "base"
-    for folder in ("input", "custom_nodes", "models/diffusion_models", "models/vae"):
-        (base / folder).mkdir(parents=True)
+    for folder in ("models/diffusion_models", "models/vae"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
     for kind, name in MODELS.items():
         write_tiny_comfyui_wan(base / "models" / "diffusion_models" / name, kind)
     for version, name in VAES.items():
         subprocess.run([COMFYUI_PYTHON, "-c", VAE_SCRIPT, version, str(base / "models" / "vae" / name)],
                        cwd=COMFYUI_DIR, check=True, capture_output=True)
-    write_video(base / "input" / "source.mp4", moving_square_video(FRAMES + 2, SIZE), fps=16)
-    write_image(base / "input" / "edited_first_frame.png", moving_square_video(1, SIZE, colour=(0.1, 0.2, 0.9))[0])
-    config = root / "extra_model_paths.yaml"
-    config.write_text(f"anyv2v_wan_test:\n    custom_nodes: {root / 'custom_nodes'}\n")
-    with running_comfyui(root, base, config) as server:
-        yield server
+    write_video(base / "input" / source, moving_square_video(FRAMES + 2, SIZE), fps=16)
+    write_image(base / "input" / edited_frame, moving_square_video(1, SIZE, colour=(0.1, 0.2, 0.9))[0])
 
 
 def wan_prompt(name: str, kind: str, **settings) -> dict:
@@ -114,7 +120,7 @@ def add_nodes(prompt: dict, nodes: dict) -> dict:
 def saved_latents(server: ComfyServer, seen: dict, prefix: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    files = [item for output in seen["history"]["outputs"].values() for item in output.get("latents", [])
+    files = [item for item in saved_files(seen["history"], "latents")
              if item["filename"].startswith(prefix.split("/")[-1])]
     assert len(files) == 1, seen["history"]["outputs"]
     path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
@@ -124,8 +130,7 @@ def saved_latents(server: ComfyServer, seen: dict, prefix: str) -> torch.Tensor:
 def saved_video_shape(server: ComfyServer, seen: dict) -> tuple[int, int, int]:
     from anyv2v_core.video import read_frames
 
-    (item,) = [item for output in seen["history"]["outputs"].values() for item in output.get("images", [])
-               if item["filename"].endswith(".mp4")]
+    (item,) = [item for item in saved_files(seen["history"]) if item["filename"].endswith(".mp4")]
     frames, _ = read_frames(server.output_dir / item["subfolder"] / item["filename"])
     return tuple(frames.shape[:3])
 
@@ -225,6 +230,30 @@ def test_a_plain_ksampler_on_the_same_model_is_bit_identical_before_and_after_an
     assert torch.equal(before, after)
 
 
+def interrupt_mid_node(server, node: str):
+    """An `on_message` hook that interrupts the run once, at `node`'s first progress message before its last.
+    Newer ComfyUI throttles progress (messages at least 100 ms and 0.5 % apart, the first and the last always
+    sent), so a hook waiting for one given value may never fire on a fast tiny model."""
+    interrupted = []
+
+    def hook(kind: str, data: dict) -> None:
+        if kind == "progress" and data.get("node") == node and data["value"] < data["max"] and not interrupted:
+            interrupted.append(data["value"])
+            server.post("/interrupt", {})
+
+    return hook
+
+
+def test_the_interrupt_hook_fires_once_on_throttled_progress():
+    """Newer ComfyUI's throttling may leave only the first and the last progress message of a node."""
+    posts = []
+    hook = interrupt_mid_node(SimpleNamespace(post=lambda path, body: posts.append(path)), "20")
+    for value in (1, 4):  # what throttling leaves of 4 steps
+        hook("progress", {"node": "18", "value": value, "max": 4})  # another node: not this one
+        hook("progress", {"node": "20", "value": value, "max": 4})
+    assert posts == ["/interrupt"]
+
+
 def test_cancel_mid_sampling_then_the_same_edit_gives_identical_frames(wan_server):
     prompt = wan_prompt("anyv2v_wan21_i2v.json", "wan2.1-i2v", AnyV2VFlowInvertVideo={"steps": 4})
     sampler = node_id(prompt, "AnyV2VWanSampler")
@@ -232,11 +261,7 @@ def test_cancel_mid_sampling_then_the_same_edit_gives_identical_frames(wan_serve
     reference = saved_latents(wan_server, run_ok(wan_server, prompt), "edit")
     prompt[sampler]["inputs"]["cfg"] = 4.5  # a new sampler run, on the cached inversion
 
-    def interrupt_in_the_sampler(kind, data):
-        if kind == "progress" and data.get("node") == sampler and data.get("value") == 2:
-            wan_server.post("/interrupt", {})
-
-    cancelled = wan_server.run(prompt, on_message=interrupt_in_the_sampler)
+    cancelled = wan_server.run(prompt, on_message=interrupt_mid_node(wan_server, sampler))
     assert cancelled["interrupted"], cancelled
     prompt[sampler]["inputs"]["cfg"] = 5.0  # the reference's settings again: nothing may have changed
     prompt["300"]["inputs"]["filename_prefix"] = "cancel/again"

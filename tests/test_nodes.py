@@ -3,6 +3,7 @@ validation messages, cancel safety, and a cheap import with no `comfy` module.""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import json
@@ -103,7 +104,7 @@ print({{"nodes": sorted(pack.NODE_CLASS_MAPPINGS), "heavy": heavy,
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = eval(result.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
+    report = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
     assert set(report["nodes"]) == NODE_IDS
     assert set(report["names"]) == NODE_IDS
     assert report["heavy"] == [], f"importing the pack pulled in {report['heavy']}"
