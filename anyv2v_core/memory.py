@@ -6,9 +6,9 @@ Policies (components are the backbone's `modules()`: unet, vae, text_encoder, im
   next runs, so it never sits beside the loop's activations (1.8 GiB of I2VGen-XL's fp16 weights).
 - model: one component on the device at a time, brought in by its first call (the UNet stays for
   the whole denoising loop).
-- sequential: as model, and the UNet's top-level blocks are streamed through the device: each block
-  comes in for its forward and leaves after it; from the second call on, the next block's copy
-  starts while this one computes (on CUDA, on a side stream).
+- sequential: as model, and the denoisers' (the UNet's, each Wan expert's) top-level blocks are
+  streamed through the device: each block comes in for its forward and leaves after it; from the
+  second call on, the next block's copy starts while this one computes (on CUDA, on a side stream).
 
 Every weight keeps one host (CPU) copy for the module's lifetime, pinned when the device is a CUDA
 GPU. Offloading points the module back at that copy, so nothing is ever copied off the device, and
@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import ContextDecorator
@@ -45,7 +46,6 @@ logger = logging.getLogger("AnyV2V")
 OFFLOAD_POLICIES = ("none", "model", "sequential")
 ENCODERS = ("text_encoder", "image_encoder")  # used only to compute the conditioning
 DENOISERS = ("unet", "transformer", "transformer_2")  # the networks of the denoising loop (Wan: two experts)
-STREAMED = "unet"  # the component the sequential policy streams block by block
 ROW_CACHE_SIZE = 32  # device-side row batches kept: the row sets (3 and 2 rows) of every temporal window
 
 
@@ -84,20 +84,22 @@ def nbytes(tensors) -> int:
 class Slot(NamedTuple):
     """One parameter or buffer entry of one module."""
 
-    owner: torch.nn.Module
+    # weak: the host copies are kept on the module itself, and a reference back from them would make
+    # a cycle that only the garbage collector breaks, keeping a dropped model's device weights alive
+    owner: weakref.ref
     kind: str  # "_parameters" or "_buffers"
     name: str
 
     def get(self) -> torch.Tensor:
-        return getattr(self.owner, self.kind)[self.name]
+        return getattr(self.owner(), self.kind)[self.name]
 
     def set(self, tensor: torch.Tensor) -> None:
-        getattr(self.owner, self.kind)[self.name] = tensor
+        getattr(self.owner(), self.kind)[self.name] = tensor
 
 
 def slots_of(module: torch.nn.Module) -> list[Slot]:
     """The parameter and buffer slots of a module tree (a module shared by several parents once)."""
-    return [Slot(owner, kind, name) for owner in module.modules() for kind in ("_parameters", "_buffers")
+    return [Slot(weakref.ref(owner), kind, name) for owner in module.modules() for kind in ("_parameters", "_buffers")
             for name, tensor in getattr(owner, kind).items() if tensor is not None]
 
 
@@ -188,8 +190,10 @@ def host_weights(module: torch.nn.Module) -> HostWeights:
 
 
 class _Block(NamedTuple):
-    """A top-level UNet block streamed by the sequential policy."""
+    """A top-level block of a denoiser streamed by the sequential policy."""
 
+    component: str
+    index: int  # its place among the component's blocks
     module: torch.nn.Module
     slots: list[Slot]
 
@@ -206,16 +210,18 @@ class Offloader:
         self.active: str | None = None  # the component entered last (the hooks' fast path)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._rows: OrderedDict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
-        self._blocks: list[_Block] = []
-        self._unet_root: list[Slot] = []  # the UNet's slots outside any streamed block (sequential)
-        self._block_order: list[int] = []  # blocks in the order the last UNet call ran them
-        self._prefetched: dict[int, torch.cuda.Event | None] = {}
+        self._blocks: dict[str, list[_Block]] = {}  # streamed denoiser -> its blocks (sequential)
+        self._roots: dict[str, list[Slot]] = {}  # streamed denoiser -> its slots outside any block
+        self._block_order: dict[str, list[int]] = {}  # per denoiser, blocks in the order its calls ran them
+        self._prefetched: dict[tuple[str, int], torch.cuda.Event | None] = {}
         self._copy_stream = None
         if device.type == "cuda":
             for weights in self.weights.values():
                 weights.pin()
-        if policy == "sequential" and STREAMED in components:
-            self._stream_blocks(components[STREAMED])
+        if policy == "sequential":
+            for name in components:
+                if name in DENOISERS:
+                    self._stream_blocks(name)
         # leave on the device only what the policy keeps there; everything else comes in at its first call
         steady = self.steady_components() if device.type != "cpu" else []
         for name in self.weights:
@@ -228,9 +234,9 @@ class Offloader:
             # (vae.encode -> quant_conv/encoder), never through its own forward
             for entry in [module, *_callable_children(module)]:
                 self._handles.append(entry.register_forward_pre_hook(self._enter_hook(name)))
-        for index, block in enumerate(self._blocks):  # after the component hooks: they run first
-            self._handles.append(block.module.register_forward_pre_hook(self._block_hook(index, enter=True)))
-            self._handles.append(block.module.register_forward_hook(self._block_hook(index, enter=False)))
+        for block in (block for blocks in self._blocks.values() for block in blocks):  # after the component hooks
+            self._handles.append(block.module.register_forward_pre_hook(self._block_hook(block, enter=True)))
+            self._handles.append(block.module.register_forward_hook(self._block_hook(block, enter=False)))
 
     # -------------------------------------------------------------------------- components
 
@@ -249,8 +255,8 @@ class Offloader:
                 self.offload_component(other)
         weights = self.weights[name]
         try:
-            if self._blocks and name == STREAMED:
-                weights.load(self._unet_root, self.device)
+            if name in self._roots:
+                weights.load(self._roots[name], self.device)
             else:
                 weights.load(weights.slots, self.device)
         except BaseException:
@@ -259,15 +265,21 @@ class Offloader:
         self.active = name
 
     def _enter_hook(self, name: str):
+        # the hooks live on the modules, which the offloader holds: they hold it weakly, so that a
+        # dropped model (and its device weights) is freed at once, not at the next garbage collection
+        offloader = weakref.ref(self)
+
         def hook(module, args) -> None:
-            self.enter(name)
+            live = offloader()
+            if live is not None:
+                live.enter(name)
 
         return hook
 
     def offload_component(self, name: str) -> None:
         weights = self.weights[name]
-        if name == STREAMED:
-            self._drop_prefetched()
+        if name in self._blocks:
+            self._drop_prefetched(name)
         weights.offload(weights.slots)
         if self.active == name:
             self.active = None
@@ -305,53 +317,65 @@ class Offloader:
 
     # -------------------------------------------------------------------------- sequential blocks
 
-    def _stream_blocks(self, unet: torch.nn.Module) -> None:
+    def _stream_blocks(self, name: str) -> None:
         owners: dict[int, int] = {}  # id(slot owner) -> the block holding it; -1 when several do
-        children = [child for child in _callable_children(unet) if slots_of(child)]
+        children = [child for child in _callable_children(self.components[name]) if slots_of(child)]
         for index, child in enumerate(children):
             for owner in child.modules():
                 owners[id(owner)] = index if owners.get(id(owner), index) == index else -1
-        slots = self.weights[STREAMED].slots
-        self._blocks = [_Block(child, [s for s in slots if owners.get(id(s.owner)) == index])
-                        for index, child in enumerate(children)]
-        self._unet_root = [s for s in slots if owners.get(id(s.owner), -1) == -1]  # the root's own and shared modules
+        slots = self.weights[name].slots
+        self._blocks[name] = [_Block(name, index, child, [s for s in slots if owners.get(id(s.owner())) == index])
+                              for index, child in enumerate(children)]
+        self._roots[name] = [s for s in slots if owners.get(id(s.owner()), -1) == -1]  # the root's own and shared modules
+        self._block_order[name] = []
 
-    def _block_hook(self, index: int, *, enter: bool):
+    def _block_hook(self, block: _Block, *, enter: bool):
+        name, index, offloader = block.component, block.index, weakref.ref(self)  # weak: see _enter_hook
+
         def before(module, args) -> None:
-            if index not in self._block_order:
-                self._block_order.append(index)
-            try:
-                self._load_block(index)
-                if len(self._block_order) == len(self._blocks):  # the order is known: prefetch the next one (cyclic)
-                    following = self._block_order.index(index) + 1
-                    self._prefetch_block(self._block_order[following % len(self._block_order)])
-            except BaseException:
-                self.offload_component(STREAMED)  # no block left half-loaded
-                raise
+            live = offloader()
+            if live is not None:
+                live._enter_block(name, index)
 
         def after(module, args, output) -> None:
-            self.weights[STREAMED].offload(self._blocks[index].slots)
-            self._prefetched.pop(index, None)
+            live = offloader()
+            if live is not None:
+                live.weights[name].offload(live._blocks[name][index].slots)
+                live._prefetched.pop((name, index), None)
 
         return before if enter else after
 
-    def _load_block(self, index: int) -> None:
-        if index in self._prefetched:
-            event = self._prefetched.pop(index)
+    def _enter_block(self, name: str, index: int) -> None:
+        order = self._block_order[name]
+        if index not in order:
+            order.append(index)
+        try:
+            self._load_block(self._blocks[name][index])
+            if len(order) == len(self._blocks[name]):  # the order is known: prefetch the next one (cyclic)
+                following = order[(order.index(index) + 1) % len(order)]
+                self._prefetch_block(self._blocks[name][following])
+        except BaseException:
+            self.offload_component(name)  # no block left half-loaded
+            raise
+
+    def _load_block(self, block: _Block) -> None:
+        key = (block.component, block.index)
+        if key in self._prefetched:
+            event = self._prefetched.pop(key)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-        self.weights[STREAMED].load(self._blocks[index].slots, self.device)
+        self.weights[block.component].load(block.slots, self.device)
 
-    def _prefetch_block(self, index: int) -> None:
-        weights = self.weights[STREAMED]
-        slots = [s for s in self._blocks[index].slots if not on_device(s.get(), self.device)]
-        if index in self._prefetched or not slots:
+    def _prefetch_block(self, block: _Block) -> None:
+        key, weights = (block.component, block.index), self.weights[block.component]
+        slots = [s for s in block.slots if not on_device(s.get(), self.device)]
+        if key in self._prefetched or not slots:
             return
         if self._copy_stream is None and self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
         if self._copy_stream is None:  # no side stream here: load it now
             weights.load(slots, self.device)
-            self._prefetched[index] = None
+            self._prefetched[key] = None
             return
         # Allocate on the compute stream (the block is freed there), copy on the side stream once the
         # compute stream has finished with whatever that memory held; the block's forward waits for the copy.
@@ -365,14 +389,15 @@ class Offloader:
                 slot.set(_as_slot_tensor(slot, target))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
-        self._prefetched[index] = event
+        self._prefetched[key] = event
 
-    def _drop_prefetched(self) -> None:
-        """Forget prefetched blocks; memory still being copied into is not reused before the copy ends."""
-        for event in self._prefetched.values():
+    def _drop_prefetched(self, name: str | None = None) -> None:
+        """Forget the prefetched blocks (of denoiser `name`, or all); memory still being copied into
+        is not reused before the copy ends."""
+        for key in [key for key in self._prefetched if name is None or key[0] == name]:
+            event = self._prefetched.pop(key)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-        self._prefetched.clear()
 
     # -------------------------------------------------------------------------- conditioning rows
 
@@ -410,11 +435,11 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return nbytes([*module.parameters(), *module.buffers()])
 
 
-def streamed_unet_bytes(unet: torch.nn.Module) -> int:
-    """Weights on the device at once while the UNet is streamed block by block: its own (and shared)
+def streamed_denoiser_bytes(denoiser: torch.nn.Module) -> int:
+    """Weights on the device at once while a denoiser is streamed block by block: its own (and shared)
     weights and its two largest blocks (the running one and the next, prefetched)."""
-    blocks = sorted((weight_bytes(child) for child in _callable_children(unet)), reverse=True)
-    return weight_bytes(unet) - sum(blocks) + sum(blocks[:2])
+    blocks = sorted((weight_bytes(child) for child in _callable_children(denoiser)), reverse=True)
+    return weight_bytes(denoiser) - sum(blocks) + sum(blocks[:2])
 
 
 def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int = 0,
@@ -428,10 +453,7 @@ def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int =
     encoders = [size for name, size in weights.items() if name in ENCODERS]
     vae = weights.get("vae", 0) + vae_activations
     denoisers = {name: size for name, size in weights.items() if name in DENOISERS}
-    if STREAMED in denoisers:
-        streamed = {**denoisers, STREAMED: streamed_unet_bytes(components[STREAMED])}
-    else:
-        streamed = denoisers
+    streamed = {name: streamed_denoiser_bytes(components[name]) for name in denoisers}
     return {
         "none": max(resident + unet_activations, resident + vae_activations, resident + sum(encoders)),
         "model": max(*(size + unet_activations for size in denoisers.values()), vae, *encoders),

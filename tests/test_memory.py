@@ -13,10 +13,11 @@ from anyv2v_core.errors import AnyV2VError, AnyV2VOutOfMemory
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.loading import load_backbone
 from anyv2v_core.memory import (
-    OFFLOAD_POLICIES, Offloader, auto_policy, guard_out_of_memory, is_out_of_memory, streamed_unet_bytes,
+    OFFLOAD_POLICIES, Offloader, auto_policy, guard_out_of_memory, is_out_of_memory, streamed_denoiser_bytes,
     weight_bytes)
 from anyv2v_core.pipeline import EditSettings, edit
 from anyv2v_core.tiny_models import moving_square_video
+from tiny_backbones import TINY_BACKBONES
 
 SETTINGS = EditSettings(size_wh=(32, 32), inversion_steps=2, steps=2, injection=InjectionSettings(0.5, 0.5, 0.5))
 SOURCE = moving_square_video(4)
@@ -179,7 +180,7 @@ def test_auto_memory_mode_follows_the_device_memory(real_i2vgenxl, total_gib, po
 def test_auto_memory_mode_scales_with_the_run(real_i2vgenxl):
     assert auto_policy(real_i2vgenxl, 8 * GIB, frames=8) == "none"  # half the frames, half the activations
     assert auto_policy(real_i2vgenxl, 0) == "none"  # no accelerator: nothing to fit
-    assert streamed_unet_bytes(real_i2vgenxl.unet) < weight_bytes(real_i2vgenxl.unet) / 2
+    assert streamed_denoiser_bytes(real_i2vgenxl.unet) < weight_bytes(real_i2vgenxl.unet) / 2
 
 
 # ---------------------------------------------------------------------------------------------- work done once
@@ -250,3 +251,33 @@ def test_an_offloaded_backbone_is_freed_with_its_host_copies(tiny_model_dir):
     del backbone
     gc.collect()
     assert unet() is None and host_copy() is None
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_a_dropped_backbone_frees_its_device_weights_at_once_without_the_garbage_collector(name, tiny_sources):
+    """Switching models mid-prompt: the old model's device memory must be free as soon as the last
+    reference goes, not at a garbage collection that may come too late (a reference cycle through
+    the offloader's hooks kept it)."""
+    import gc
+    import weakref
+
+    tiny = TINY_BACKBONES[name]
+    source = moving_square_video(tiny.num_frames, tiny.size)
+    settings = EditSettings(size_wh=(tiny.size, tiny.size), num_frames=tiny.num_frames, inversion_steps=2, steps=2,
+                            start_index=0)
+    gc.collect()
+    gc.disable()
+    try:
+        backbone = tiny.load(tiny_sources[name])
+        with StandInDevice() as gpu:
+            backbone.set_offload("none", gpu.device)
+            edit(backbone, source, source[:1].flip(-1), prompt="a square", settings=settings)
+            on_device = [weakref.ref(t) for module in backbone.modules().values()
+                         for t in [*module.parameters(), *module.buffers()] if isinstance(t, OnStandIn)]
+            denoiser = weakref.ref(backbone.denoiser)
+            del backbone
+            assert on_device, "the test needs weights on the device"
+            assert denoiser() is None, "the dropped backbone's networks are still alive"
+            assert not [ref for ref in on_device if ref() is not None], "device weights outlive their backbone"
+    finally:
+        gc.enable()

@@ -119,10 +119,15 @@ class WanRow(RowCondition):
 
 @dataclass
 class WanTI2VRow(RowCondition):
-    """Wan 2.2 TI2V conditioning of one row: the first frame rides along as a clean latent frame."""
+    """Wan 2.2 TI2V conditioning of one row: the first frame rides along as a clean latent frame in
+    front of the generated ones, in the first temporal window only (a later window starts mid-video)."""
 
+    frame_fields: ClassVar[tuple[str, ...]] = ("follows_first_frame",)
     text_embeddings: torch.Tensor  # [1, 512, D] float32, CPU
     first_frame_latents: torch.Tensor  # [1, C, 1, h, w] float32, CPU
+    # [1, 1, F'-1, 1, 1] bool over the generated latent frames: True on the one right after the first
+    # frame; a window whose first frame has it is the video's first window
+    follows_first_frame: torch.Tensor
 
 
 class WanBackbone(Backbone):
@@ -233,8 +238,8 @@ class WanBackbone(Backbone):
         """Normalised latents [1, C, F', h, w] of frames [F, H, W, 3] (the whole clip through the causal VAE)."""
         pixels = (frames.permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1).to(self.device, self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean if generator is None else posterior.sample(generator)
-        return (latents.to("cpu", torch.float32) - self.latents_mean) / self.latents_std
+        latents = (posterior.mean if generator is None else posterior.sample(generator)).to(torch.float32)
+        return (latents - self.latents_mean.to(latents.device)) / self.latents_std.to(latents.device)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[WanRow]) -> torch.Tensor:
@@ -256,7 +261,8 @@ class WanBackbone(Backbone):
         """Frames [F, H, W, 3] float32 0..1 on the CPU. The causal VAE decodes the whole clip one
         latent frame at a time with its own cache, so `chunk_size` does not apply; `progress` is
         reported (and may cancel) after each latent frame."""
-        z = (latents.to(torch.float32) * self.latents_std + self.latents_mean).to(self.device, self.vae.dtype)
+        z = latents.to(self.device, torch.float32)
+        z = (z * self.latents_std.to(self.device) + self.latents_mean.to(self.device)).to(self.vae.dtype)
         total = (latents.shape[2] - 1) * TEMPORAL_STRIDE + 1
         decoded = [0]
 
@@ -281,24 +287,30 @@ class WanTI2VBackbone(WanBackbone):
     @torch.inference_mode()
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> WanTI2VRow:
+        follows_first_frame = torch.zeros(1, 1, (num_frames - 1) // TEMPORAL_STRIDE, 1, 1, dtype=torch.bool)
+        follows_first_frame[:, :, 0] = True
         return WanTI2VRow(text_embeddings=self.encode_prompt(prompt),
-                          first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video))
+                          first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video),
+                          follows_first_frame=follows_first_frame)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[WanTI2VRow]) -> torch.Tensor:
-        """Velocity [B, C, F'-1, h, w] of the generated latent frames [B, C, F'-1, h, w]."""
+        """Velocity [B, C, W, h, w] of generated latent frames [B, C, W, h, w] (all of them, or one
+        temporal window); the clean first frame goes in front of the window that starts the video."""
         device, dtype = self.device, self.dtype
-        first = torch.cat([row.first_frame_latents for row in rows]).to(latents)
-        sample = torch.cat([first, latents], dim=2)  # [B, C, F', h, w]
+        clean_frames = 1 if bool(rows[0].follows_first_frame[0, 0, 0]) else 0
+        sample = latents
+        if clean_frames:
+            sample = torch.cat([torch.cat([row.first_frame_latents for row in rows]).to(latents), latents], dim=2)
         tokens_hw = (sample.shape[3] // self.patch_hw[0]) * (sample.shape[4] // self.patch_hw[1])
         per_token = torch.full((sample.shape[2], tokens_hw), timestep, dtype=torch.float32)
-        per_token[0] = 0  # the clean first frame
+        per_token[:clean_frames] = 0  # the clean first frame
         output = self.expert_for(timestep)(
             hidden_states=sample.to(device, dtype),
             timestep=per_token.flatten().expand(len(rows), -1).to(device),
             encoder_hidden_states=torch.cat([row.text_embeddings for row in rows]).to(device, dtype),
             return_dict=False)[0]
-        return output[:, :, 1:].to(torch.float32)
+        return output[:, :, clean_frames:].to(torch.float32)
 
     def video_latents(self, latents: torch.Tensor, row: WanTI2VRow) -> torch.Tensor:
         return torch.cat([row.first_frame_latents.to(latents), latents], dim=2)
