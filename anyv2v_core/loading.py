@@ -18,7 +18,7 @@ import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import AnyV2VError, ModelLoadError
-from .memory import OFFLOAD_POLICIES, auto_policy, device_memory
+from .memory import OFFLOAD_POLICIES, auto_policy, available_memory, device_free_memory
 
 logger = logging.getLogger("AnyV2V")
 
@@ -253,7 +253,7 @@ def load_backbone(
     `backbone` is detected from model_index.json unless given; `dtype` "auto" follows the
     backbone's `half_dtypes` (see `resolve_dtype`); `variant` "auto" reads the fp16 files where the
     folder has only those or half precision is asked for; `offload` is a policy of `memory.py`
-    ("none", "model", "sequential") or "auto" (the fastest that fits the device's memory at the
+    ("none", "model", "sequential") or "auto" (the fastest that fits the device's free memory at the
     backbone's native size, `memory.auto_policy`); `one_row_at_a_time` runs the rows of each
     sampling step one at a time through the transformer's blocks (Wan); `options` go to that
     backbone's loader (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=...,
@@ -311,8 +311,8 @@ def load_backbone(
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
     check_injection_targets(loaded, folder)
     loaded.one_row_at_a_time = one_row_at_a_time
-    if offload == "auto":
-        offload = auto_policy(loaded, device_memory(device))
+    if offload == "auto":  # nothing to fit off an accelerator; on CUDA, into the memory free now
+        offload = "none" if device.type != "cuda" else auto_policy(loaded, available_memory(device_free_memory(device)))
     loaded.set_offload(offload, device)
     return loaded
 

@@ -461,20 +461,27 @@ def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int =
     }
 
 
-def auto_policy(backbone, total_memory: int, *, frames: int | None = None, size_wh: tuple[int, int] | None = None,
+def available_memory(free_bytes: int, freeable_bytes: int = 0, reserve_bytes: int = RESERVED_BYTES) -> int:
+    """Device bytes an edit may count on: what is free now, plus what its host can unload for it
+    (ComfyUI's other models), minus what must stay free (the host's reserve; alone, the CUDA context
+    and kernel workspaces' RESERVED_BYTES). The budget `auto_policy` fits a policy into: not the
+    card's total memory, of which the desktop, other programs and other models hold part."""
+    return max(0, int(free_bytes) + int(freeable_bytes) - int(reserve_bytes))
+
+
+def auto_policy(backbone, available_bytes: int, *, frames: int | None = None, size_wh: tuple[int, int] | None = None,
                 rows: int = 3, decode_chunk_size: int = 1) -> str:
-    """The fastest policy whose peak leaves RESERVED_BYTES of a device of `total_memory` bytes free,
-    for `rows` batch rows of `frames` frames per UNet call at `size_wh` (default: the backbone's
-    native frame count and size); "none" when `total_memory` is 0 (no accelerator to fit)."""
-    if not total_memory:
-        return "none"
+    """The fastest policy whose peak fits in `available_bytes` (`available_memory`), for `rows`
+    batch rows of `frames` frames per denoiser call at `size_wh` (default: the backbone's native frame
+    count and size); "sequential" (the least memory) when none does."""
     defaults = backbone.defaults
     activations = activation_bytes(backbone, frames=frames or defaults.num_frames, size_wh=size_wh or defaults.size_wh,
                                    rows=rows, decode_chunk_size=decode_chunk_size)
     peaks = policy_peaks(backbone.modules(), *activations)
-    policy = next((p for p in OFFLOAD_POLICIES if peaks[p] + RESERVED_BYTES <= total_memory), "sequential")
-    logger.info("memory: %s needs %s GiB (none / model / sequential); offload policy %s on a %.1f GiB device",
-                backbone.name, " / ".join(f"{peaks[p] / 2**30:.1f}" for p in OFFLOAD_POLICIES), policy, total_memory / 2**30)
+    policy = next((p for p in OFFLOAD_POLICIES if peaks[p] <= available_bytes), "sequential")
+    logger.info("memory: %s needs %s GiB (none / model / sequential); offload policy %s with %.1f GiB available",
+                backbone.name, " / ".join(f"{peaks[p] / 2**30:.1f}" for p in OFFLOAD_POLICIES), policy,
+                available_bytes / 2**30)
     return policy
 
 
@@ -507,6 +514,11 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return 0
+
+
+def device_free_memory(device: torch.device) -> int:
+    """Free memory of a CUDA device in bytes as the driver reports it, other processes' use taken off."""
+    return torch.cuda.mem_get_info(execution_device(device))[0]
 
 
 # ---------------------------------------------------------------------------------------------- out of memory
