@@ -491,21 +491,29 @@ class ActivationProfile:
     its real architecture (benchmarks/memory_table.py); linear in rows, frames and pixels, since
     attention runs as a fused kernel (fp16 on any CUDA GPU, bf16 from compute capability 8.0)."""
 
-    unet: float  # one UNet call, per row x frame x latent pixel
+    unet: float  # one denoiser call, per row x latent frame x latent pixel
     vae: float  # one VAE encode or decode, per frame x pixel
+    # rows one at a time (`Backbone.one_row_at_a_time`): the source row's injected Q and K of one
+    # block, held while the edit rows run it, per latent frame x latent pixel
+    held_source_row: float = 0.0
 
 
 def activation_bytes(backbone, *, frames: int, size_wh: tuple[int, int], rows: int,
                      decode_chunk_size: int = 1) -> tuple[int, int]:
-    """(UNet, VAE) peak activation bytes of a run of `backbone` on `frames` frames per UNet call
-    (the window length with temporal windows) at `size_wh`, `rows` batch rows per UNet call."""
+    """(denoiser, VAE) peak activation bytes of a run of `backbone` on `frames` video frames per
+    denoiser call (the window length with temporal windows) at `size_wh`, `rows` batch rows per
+    call (run one at a time when the backbone does, plus the source row's Q/K held meanwhile)."""
     profile, itemsize = backbone.activation_profile, backbone.dtype.itemsize
     if profile is None:  # not measured for this family: the estimates count the weights only
         return 0, 0
     width, height = size_wh
-    latent_pixels = (width // backbone.vae_scale_factor) * (height // backbone.vae_scale_factor)
-    return (int(profile.unet * rows * frames * latent_pixels * itemsize),
-            int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize))
+    latent_frames = (frames - 1) // backbone.defaults.frame_stride + 1
+    latent_elements = latent_frames * (width // backbone.vae_scale_factor) * (height // backbone.vae_scale_factor)
+    if backbone.one_row_at_a_time:
+        denoiser = (profile.unet + profile.held_source_row) * latent_elements
+    else:
+        denoiser = profile.unet * rows * latent_elements
+    return int(denoiser * itemsize), int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize)
 
 
 def device_memory(device: torch.device) -> int:

@@ -291,3 +291,24 @@ def test_a_dropped_backbone_frees_its_device_weights_at_once_without_the_garbage
             assert not [ref for ref in on_device if ref() is not None], "device weights outlive their backbone"
     finally:
         gc.enable()
+
+
+def test_auto_counts_wan_activations_and_the_held_source_qk_of_rows_one_at_a_time():
+    """Wan 2.1 at 832x480 x 81 frames in bf16 (21 x 60 x 104 latent elements): 3 rows of activations
+    batched; one row plus the source row's Q/K of one block (2 x 5120 per 2x2 latent pixels:
+    0.67 GB) when the rows run one at a time."""
+    import types
+
+    from anyv2v_core.backbones.wan import WAN21_I2V_DEFAULTS, WanBackbone
+    from anyv2v_core.memory import activation_bytes
+
+    wan = types.SimpleNamespace(activation_profile=WanBackbone.activation_profile, dtype=torch.bfloat16,
+                                defaults=WAN21_I2V_DEFAULTS, vae_scale_factor=8, one_row_at_a_time=False)
+    elements = 21 * 60 * 104
+    batched, vae = activation_bytes(wan, frames=81, size_wh=(832, 480), rows=3)
+    assert batched == int(3 * WanBackbone.activation_profile.unet * elements * 2) > 10 * GIB
+    wan.one_row_at_a_time = True
+    one_row, _ = activation_bytes(wan, frames=81, size_wh=(832, 480), rows=3)
+    held = one_row - int(WanBackbone.activation_profile.unet * elements * 2)
+    assert held == pytest.approx(0.67e9, rel=0.01)
+    assert vae > GIB  # the float32 causal VAE decoding one latent frame at 832x480

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import AnyV2VError, ModelLoadError
 from ..flow_schedule import FlowMatchingSchedule, SigmaSpacing
+from ..memory import ActivationProfile
 from ..windows import ContextWindows
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .vae_frames import FirstFrameLatent
@@ -136,6 +137,9 @@ class WanBackbone(Backbone):
     sampler = None  # the flow solver of the inversion order
     inversion_order = 2
     half_dtypes = (torch.bfloat16, torch.float16)  # trained in bf16: dtype "auto" takes it where the GPU runs it
+    # measured on Wan 2.1 I2V 14B (benchmarks/memory_table.py --wan, docs/memory.md); the A14B experts share
+    # its architecture; TI2V 5B's narrower transformer needs less per token (an overestimate there)
+    activation_profile = ActivationProfile(unet=14425, vae=3461, held_source_row=2560)
 
     def __init__(self, *, name: str, defaults: BackboneDefaults, schedule: FlowMatchingSchedule,
                  transformers: dict[str, torch.nn.Module], vae, text_encoder, tokenizer, image_encoder=None,
