@@ -38,7 +38,7 @@ from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .vae_frames import FirstFrameLatent
 
 TEXT_TOKENS = 512  # Wan's text context; its image cross-attention takes every token before the last 512
-TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first)
+TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first) of every Wan VAE: the frame rule before loading
 
 # Official settings (Wan-Video repositories' generate.py and configs: size, frames, fps, guidance,
 # shift; see the README's Wan section), except the step counts: the official samplers take 40-50
@@ -153,7 +153,17 @@ class WanBackbone(Backbone):
         self.boundary_time = None if boundary_ratio is None else boundary_ratio * self.schedule.num_train_timesteps
         first = transformers["transformer"].config
         self.patch_hw = tuple(first.patch_size[1:])
+        # the VAE's own compression (its diffusers config), checked against the model's rules before any encoding
         self.vae_scale_factor = int(vae.config.scale_factor_spatial)
+        self.temporal_stride = int(vae.config.scale_factor_temporal)
+        latent_channels = int(vae.config.z_dim)
+        if (self.temporal_stride != defaults.frame_stride or latent_channels != first.out_channels
+                or self.vae_scale_factor * self.patch_hw[0] != defaults.size_multiple):
+            raise ModelLoadError(
+                f"this VAE ({latent_channels} latent channels, {self.temporal_stride} frames and {self.vae_scale_factor}x"
+                f"{self.vae_scale_factor} pixels per latent) does not fit {name}, which takes {first.out_channels} "
+                f"channels, {defaults.frame_stride} frames and {defaults.size_multiple // self.patch_hw[0]}x pixels: "
+                "use the VAE of the model's own repository (Wan 2.1's for Wan 2.1 and Wan 2.2 A14B, Wan 2.2's for TI2V 5B)")
         self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         blocks = range(int(first.num_layers)) if attention_blocks is None else attention_blocks
@@ -188,10 +198,11 @@ class WanBackbone(Backbone):
         """Video-frame windows (length 4k + 1, overlap a multiple of 4) as latent-frame windows."""
         if windows is None:
             return None
-        if (windows.length - 1) % TEMPORAL_STRIDE or windows.overlap % TEMPORAL_STRIDE:
-            raise AnyV2VError(f"Wan windows need a length of 4k + 1 frames and an overlap that is a multiple of 4 "
-                              f"(got {windows.length} / {windows.overlap}); e.g. 33 / 8")
-        return ContextWindows((windows.length - 1) // TEMPORAL_STRIDE + 1, windows.overlap // TEMPORAL_STRIDE)
+        stride = self.temporal_stride
+        if (windows.length - 1) % stride or windows.overlap % stride:
+            raise AnyV2VError(f"Wan windows need a length of {stride}k + 1 frames and an overlap that is a multiple of "
+                              f"{stride} (got {windows.length} / {windows.overlap}); e.g. {8 * stride + 1} / {2 * stride}")
+        return ContextWindows((windows.length - 1) // stride + 1, windows.overlap // stride)
 
     # ------------------------------------------------------------------------------------------ conditioning
 
@@ -227,8 +238,8 @@ class WanBackbone(Backbone):
         # Wan's negative row keeps the image conditioning: only the prompt differs.
         latents = self._first_frame_latents.get(  # [1, C, F', h, w]
             first_frame, lambda frame: self.encode_video(first_frame_then_grey(frame, num_frames)), key=(num_frames,))
-        mask = torch.zeros(1, TEMPORAL_STRIDE, *latents.shape[2:])
-        mask[:, :, 0] = 1  # the first latent frame holds one known video frame, repeated over the 4 mask channels
+        mask = torch.zeros(1, self.temporal_stride, *latents.shape[2:])
+        mask[:, :, 0] = 1  # the first latent frame holds one known video frame, repeated over the temporal_stride mask channels
         image_embeddings = None
         if self.image_encoder is not None:
             image_embeddings = self._first_frame_tokens.get(first_frame, self.encode_image)
@@ -267,7 +278,7 @@ class WanBackbone(Backbone):
         reported (and may cancel) after each latent frame."""
         z = latents.to(self.device, torch.float32)
         z = (z * self.latents_std.to(self.device) + self.latents_mean.to(self.device)).to(self.vae.dtype)
-        total = (latents.shape[2] - 1) * TEMPORAL_STRIDE + 1
+        total = (latents.shape[2] - 1) * self.temporal_stride + 1
         decoded = [0]
 
         def report(module, args, output) -> None:
@@ -291,7 +302,7 @@ class WanTI2VBackbone(WanBackbone):
     @torch.inference_mode()
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> WanTI2VRow:
-        follows_first_frame = torch.zeros(1, 1, (num_frames - 1) // TEMPORAL_STRIDE, 1, 1, dtype=torch.bool)
+        follows_first_frame = torch.zeros(1, 1, (num_frames - 1) // self.temporal_stride, 1, 1, dtype=torch.bool)
         follows_first_frame[:, :, 0] = True
         return WanTI2VRow(text_embeddings=self.encode_prompt(prompt),
                           first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video),
