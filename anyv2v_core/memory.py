@@ -10,8 +10,10 @@ Policies (components are the backbone's `modules()`: unet, vae, text_encoder, im
   streamed through the device: each block comes in for its forward and leaves after it; from the
   second call on, the next block's copy starts while this one computes (on CUDA, on a side stream).
 
-Every weight keeps one host (CPU) copy for the module's lifetime, pinned when the device is a CUDA
-GPU. Offloading points the module back at that copy, so nothing is ever copied off the device, and
+Every weight keeps one host (CPU) copy for the module's lifetime. On a CUDA GPU the copies of the
+components the policy brings in and out are pinned (page-locked, for asynchronous loads), tensor by
+tensor, each pageable copy released as soon as its pinned one exists, and no more than
+PINNED_HOST_FRACTION of the host's RAM in all; the components that stay on the device are not. Offloading points the module back at that copy, so nothing is ever copied off the device, and
 loading is a non-blocking copy from it. The copies stay with the modules while `Offloader`s come
 and go with `Backbone.set_offload`, so a new policy or a repeated one moves only what must move.
 Weights are read-only here (inference): change them through the loader, not on an offloaded model.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import traceback
 import weakref
 from collections import OrderedDict
@@ -47,6 +50,9 @@ OFFLOAD_POLICIES = ("none", "model", "sequential")
 ENCODERS = ("text_encoder", "image_encoder")  # used only to compute the conditioning
 DENOISERS = ("unet", "transformer", "transformer_2")  # the networks of the denoising loop (Wan: two experts)
 ROW_CACHE_SIZE = 32  # device-side row batches kept: the row sets (3 and 2 rows) of every temporal window
+# page-locked memory cannot be swapped or moved: the OS and the host's own tensors need the rest
+PINNED_HOST_FRACTION = 0.5
+FALLBACK_HOST_MEMORY = 16 * 2**30  # where the OS does not report its RAM
 
 
 def _callable_children(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -107,13 +113,36 @@ def _as_slot_tensor(slot: Slot, tensor: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(tensor, requires_grad=False) if slot.kind == "_parameters" else tensor
 
 
+def pinned_bytes_cap() -> int:
+    """The most bytes of host copies pinned at once, over every model: PINNED_HOST_FRACTION of the RAM."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        total = FALLBACK_HOST_MEMORY
+    return int(total * PINNED_HOST_FRACTION)
+
+
+def page_locked(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned copy of a host tensor."""
+    return tensor.pin_memory()
+
+
+_PINNED: "weakref.WeakSet[HostWeights]" = weakref.WeakSet()  # host copies holding pinned memory
+
+
+def pinned_bytes() -> int:
+    """Bytes of host copies pinned now, over every live model."""
+    return sum(weights.pinned_bytes for weights in _PINNED)
+
+
 class HostWeights:
     """The host copy of every parameter and buffer of one component, and moves that use it."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.slots = slots_of(module)
         self.host: dict[Slot, torch.Tensor] = {}
-        self.pinned = False
+        self.pinned = False  # pinning was done (as far as the cap allowed)
+        self.pinned_bytes = 0
         copies: dict[int, torch.Tensor] = {}  # tensors shared by several slots get one host copy
         for slot in self.slots:
             current = slot.get()
@@ -123,30 +152,49 @@ class HostWeights:
 
     def refresh(self) -> None:
         """Adopt tensors put on the CPU from outside (a module moved with `.to("cpu")`) as the host copies."""
+        adopted = False
         for slot in self.slots:
             current = slot.get()
             if current.device.type == "cpu" and current is not self.host[slot]:
                 self.host[slot] = current
-                self.pinned = False
+                self.pinned, adopted = False, True
+        if adopted:
+            self.pinned_bytes = nbytes(t for t in self.host.values() if t.is_pinned())
 
     def pin(self) -> None:
-        """Page-lock the host copies (once): copies from them to a CUDA GPU are then asynchronous."""
+        """Page-lock the host copies (once): copies from them to a CUDA GPU are then asynchronous.
+
+        Tensor by tensor, each pageable copy dropped as soon as its pinned one exists (the host
+        holds one extra tensor at a time, not a second copy of the model); tensors past the cap
+        (`pinned_bytes_cap`) stay pageable, and their loads synchronous."""
         if self.pinned:
             return
-        pinned: dict[int, torch.Tensor] = {}
-        try:
-            for slot in self.slots:
-                host = self.host[slot]
-                if id(host) not in pinned:
-                    pinned[id(host)] = host if host.is_pinned() else _as_slot_tensor(slot, host.pin_memory())
-        except RuntimeError as error:  # page-locked memory is limited (Windows, containers): run unpinned
-            logger.warning("could not pin the host copy of the weights (%s); loads will be synchronous", error)
-            return
-        for slot in self.slots:
-            if slot.get() is self.host[slot]:
-                slot.set(pinned[id(self.host[slot])])
-            self.host[slot] = pinned[id(self.host[slot])]
         self.pinned = True
+        _PINNED.add(self)
+        sharing: dict[int, list[Slot]] = {}  # slots sharing one host tensor get one pinned copy
+        for slot in self.slots:
+            sharing.setdefault(id(self.host[slot]), []).append(slot)
+        cap = pinned_bytes_cap()
+        for slots in sharing.values():
+            host = self.host[slots[0]]
+            size = host.numel() * host.element_size()
+            if host.is_pinned():
+                continue
+            if pinned_bytes() + size > cap:
+                logger.warning("%.1f GiB of host copies are pinned (the cap, %.0f%% of the RAM); the rest stay "
+                               "pageable and load synchronously", pinned_bytes() / 2**30, 100 * PINNED_HOST_FRACTION)
+                return
+            try:
+                pinned = _as_slot_tensor(slots[0], page_locked(host))
+            except RuntimeError as error:  # page-locked memory is limited (Windows, containers): run unpinned
+                logger.warning("could not pin the host copy of the weights (%s); loads will be synchronous", error)
+                return
+            for slot in slots:
+                if slot.get() is host:
+                    slot.set(pinned)
+                self.host[slot] = pinned
+            self.pinned_bytes += size
+            del host, pinned  # the pageable copy goes now, before the next tensor is pinned
 
     def load(self, slots: Sequence[Slot], device: torch.device) -> None:
         """Point `slots` at device copies of their host tensors, copying those not there yet (non-blocking)."""
@@ -216,8 +264,8 @@ class Offloader:
         self._prefetched: dict[tuple[str, int], torch.cuda.Event | None] = {}
         self._copy_stream = None
         if device.type == "cuda":
-            for weights in self.weights.values():
-                weights.pin()
+            for name in self.pinned_components():
+                self.weights[name].pin()
         if policy == "sequential":
             for name in components:
                 if name in DENOISERS:
@@ -289,6 +337,12 @@ class Offloader:
         for name in self.weights:
             self.offload_component(name)
         self._rows.clear()
+
+    def pinned_components(self) -> list[str]:
+        """Whose host copies are pinned on a CUDA GPU: those the policy loads more than once (not the
+        ones it keeps on the device, which are read from the host once)."""
+        steady = self.steady_components()
+        return [name for name in self.weights if name not in steady]
 
     def steady_components(self) -> list[str]:
         """What the policy keeps on the device between calls: all but the encoders (none); nothing

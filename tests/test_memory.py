@@ -312,3 +312,37 @@ def test_auto_counts_wan_activations_and_the_held_source_qk_of_rows_one_at_a_tim
     held = one_row - int(WanBackbone.activation_profile.unet * elements * 2)
     assert held == pytest.approx(0.67e9, rel=0.01)
     assert vae > GIB  # the float32 causal VAE decoding one latent frame at 832x480
+
+
+# ---------------------------------------------------------------------------------------------- pinned host copies
+
+
+def test_host_copies_are_pinned_tensor_by_tensor_under_a_cap_and_resident_components_are_not(backbone, monkeypatch):
+    """Pinning a whole component before dropping its pageable copy held the model twice in host RAM (Wan
+    14B: ~40 GB more); each pageable tensor must go as soon as its pinned copy exists, the components a
+    policy keeps on the device need no pinned copy, and the pinned total stays under the cap."""
+    import weakref
+
+    from anyv2v_core import memory
+
+    pinned_from, alive_when_pinning = [], []  # per pinned tensor: was the previous pageable one already freed
+
+    def fake_page_locked(tensor):
+        alive_when_pinning.append(sum(ref() is not None for ref in pinned_from))
+        pinned_from.append(weakref.ref(tensor))
+        return tensor.clone()
+
+    monkeypatch.setattr(memory, "page_locked", fake_page_locked)
+    text_encoder = memory.host_weights(backbone.text_encoder)
+    monkeypatch.setattr(memory, "pinned_bytes_cap", lambda: memory.pinned_bytes() + text_encoder.total_bytes() // 2)
+    text_encoder.pin()
+    assert pinned_from and max(alive_when_pinning) == 0, "a pageable copy outlived its pinned one"
+    assert all(ref() is None for ref in pinned_from)
+    assert 0 < text_encoder.pinned_bytes <= text_encoder.total_bytes() // 2, "the cap was not kept"
+    assert all(slot.get() is text_encoder.host[slot] for slot in text_encoder.slots), "the module lost its host copy"
+
+    with StandInDevice() as gpu:  # which components each policy pins on a CUDA GPU
+        pinned = {policy: Offloader(backbone.modules(), gpu.device, policy).pinned_components()
+                  for policy in OFFLOAD_POLICIES}
+    assert pinned["none"] == ["text_encoder", "image_encoder"]  # the UNet and the VAE stay on the device
+    assert pinned["model"] == pinned["sequential"] == list(backbone.modules())
