@@ -243,10 +243,10 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
         return
     frames, size_wh = frames or backbone.defaults.num_frames, size_wh or backbone.defaults.size_wh
     policy = handle.offload
-    if policy == "auto":  # nothing to fit on the CPU
-        policy = "none" if device.type == "cpu" else auto_policy(
-            backbone, available_memory(total_device_memory(device)), frames=frames, size_wh=size_wh, rows=rows,
-            decode_chunk_size=decode_chunk_size)
+    if policy == "auto":  # no device memory to fit (the CPU): nothing to choose
+        total = total_device_memory(device)
+        policy = "none" if not total else auto_policy(backbone, available_memory(total), frames=frames,
+                                                      size_wh=size_wh, rows=rows, decode_chunk_size=decode_chunk_size)
     if (backbone.offloader.policy, backbone.offloader.device) != (policy, device):  # else: already set up, nothing moves
         logger.info("running %s on %s (offload: %s)", backbone.name, device, policy)
         backbone.set_offload(policy, device)
