@@ -24,6 +24,7 @@ class TimestepSpacing:
 
     num_train_timesteps: int = 1000
     steps_offset: int = 1
+    orders = (1,)  # solver orders (NoiseSchedule.orders), known before the model loads
 
     def step_ratio(self, num_steps: int) -> int:
         if not isinstance(num_steps, int) or num_steps < 1:

@@ -38,6 +38,7 @@ class SigmaSpacing:
     """How many steps reach which sigmas; checkable before any model loads."""
 
     num_train_timesteps: int = 1000
+    orders = (1, 2)  # Euler and midpoint (NoiseSchedule.orders), known before the model loads
 
     def check_inversion_steps(self, inversion_steps: int, sampling_steps: int, order: int = 1) -> None:
         for name, value in (("inversion steps", inversion_steps), ("sampling steps", sampling_steps)):
@@ -65,7 +66,6 @@ class FlowMatchingSchedule(SigmaSpacing, NoiseSchedule):
 
     shift: float = 1.0
     prediction_type = "flow"
-    orders = (1, 2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.shift, (int, float)) or not 0 < self.shift < 1000:

@@ -57,6 +57,17 @@ class Inversion:
         return self.latents[level]
 
 
+def check_finite(latents: torch.Tensor, stage: str, backbone: Backbone) -> None:
+    """Raise AnyV2VError when `latents` hold NaN or inf: decoded they would be a black or noise video
+    with no word of why (a half-precision overflow, or a GPU whose fp16 is broken)."""
+    if not bool(torch.isfinite(latents).all()):
+        precision = str(backbone.dtype).removeprefix("torch.")
+        raise AnyV2VError(
+            f"{stage} of {backbone.name} gave NaN/inf latents in {precision}: the model overflowed its precision. "
+            "Load it in another precision (dtype bf16 on GPUs from compute capability 8.0, else fp32); "
+            "fewer steps or a lower cfg do not help")
+
+
 def start_level(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0,
                 order: int = 1) -> Level:
     """Noise level of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
@@ -120,6 +131,7 @@ def invert_video(
             latents = step.invert(latents, evaluate)
             if progress is not None:
                 progress(done, len(steps))
+    check_finite(latents, "the inversion", backbone)
     if steps[-1].end in keep:
         kept[steps[-1].end] = latents.to("cpu", copy=True)
     return Inversion(

@@ -18,7 +18,7 @@ import torch
 
 from .backbones.base import Backbone, BackboneDefaults
 from .errors import AnyV2VError, ModelLoadError
-from .memory import OFFLOAD_POLICIES, auto_policy, device_memory
+from .memory import OFFLOAD_POLICIES, auto_policy, available_memory, device_free_memory
 
 logger = logging.getLogger("AnyV2V")
 
@@ -64,6 +64,11 @@ def wan_components(folder: Path) -> dict[str, str | None]:
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the UNet backbones' order of preference (Backbone.half_dtypes)
 BF16_COMPUTE_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; before it PyTorch emulates bf16
+FP16_COMPUTE_CAPABILITY = (7, 0)  # Volta: fp16 tensor cores; Pascal computes fp16 no faster than fp32
+# Turing cards without tensor cores whose fp16 gives NaN / black frames (the same cards ComfyUI's
+# model management runs in fp32): GTX 16xx, MX450/550, the T400-T1200 workstation parts, CMP 30HX
+BROKEN_FP16_GPUS = ("GTX 16", "1660", "1650", "1630", "MX450", "MX550", "T500", "T550", "T600", "T1000", "T1200",
+                    "T2000", "CMP 30HX")
 
 
 def runs_natively(dtype: torch.dtype, device: torch.device) -> bool:
@@ -75,19 +80,33 @@ def runs_natively(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
+def fp16_is_broken(device: torch.device) -> bool:
+    return any(name in torch.cuda.get_device_name(device) for name in BROKEN_FP16_GPUS)
+
+
+def recommended(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether dtype "auto" may pick the half precision `dtype` on a CUDA GPU: bf16 where it runs
+    natively, fp16 from Volta on (not on Pascal, nor on the cards whose fp16 is broken). The same
+    rules ComfyUI's model management applies, so a model loads in one precision with or without it."""
+    if dtype == torch.float16:
+        return torch.cuda.get_device_capability(device) >= FP16_COMPUTE_CAPABILITY and not fp16_is_broken(device)
+    return runs_natively(dtype, device)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
                   half_dtypes: tuple[torch.dtype, ...] = HALF_DTYPES) -> torch.dtype:
     """The weight dtype for `device`.
 
     "auto": float32 except on a CUDA GPU, where it is the first of `half_dtypes` (a backbone
-    family's preference, `Backbone.half_dtypes`) that the GPU runs natively (fp16 on any GPU, bf16
-    from compute capability 8.0), float32 if none. An explicit bf16 on an older GPU is refused.
+    family's preference, `Backbone.half_dtypes`) that `recommended` allows (fp16 from compute
+    capability 7.0 except on GTX 16xx-class cards, bf16 from 8.0), float32 if none. An explicit bf16
+    on an older GPU, or fp16 on a card whose fp16 is broken, is refused.
     """
     device = torch.device(device)
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
-        return next((half for half in half_dtypes if runs_natively(half, device)), torch.float32)
+        return next((half for half in half_dtypes if recommended(half, device)), torch.float32)
     if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES.get(dtype, dtype)
@@ -99,6 +118,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
             f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) does not support bf16 "
             "natively (that starts with compute capability 8.0): PyTorch would emulate it, slowly and without fused "
             "attention; use fp16 or auto")
+    if device.type == "cuda" and dtype == torch.float16 and fp16_is_broken(device):
+        raise ModelLoadError(f"fp16 gives NaN / black frames on this GPU ({torch.cuda.get_device_name(device)}); "
+                             "use fp32 or auto")
     return dtype
 
 
@@ -253,7 +275,7 @@ def load_backbone(
     `backbone` is detected from model_index.json unless given; `dtype` "auto" follows the
     backbone's `half_dtypes` (see `resolve_dtype`); `variant` "auto" reads the fp16 files where the
     folder has only those or half precision is asked for; `offload` is a policy of `memory.py`
-    ("none", "model", "sequential") or "auto" (the fastest that fits the device's memory at the
+    ("none", "model", "sequential") or "auto" (the fastest that fits the device's free memory at the
     backbone's native size, `memory.auto_policy`); `one_row_at_a_time` runs the rows of each
     sampling step one at a time through the transformer's blocks (Wan); `options` go to that
     backbone's loader (ConsistI2V: source_branch_first_frame="edited"|"source"; Wan: shift=...,
@@ -311,8 +333,8 @@ def load_backbone(
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
     check_injection_targets(loaded, folder)
     loaded.one_row_at_a_time = one_row_at_a_time
-    if offload == "auto":
-        offload = auto_policy(loaded, device_memory(device))
+    if offload == "auto":  # nothing to fit off an accelerator; on CUDA, into the memory free now
+        offload = "none" if device.type != "cuda" else auto_policy(loaded, available_memory(device_free_memory(device)))
     loaded.set_offload(offload, device)
     return loaded
 

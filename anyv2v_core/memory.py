@@ -6,12 +6,14 @@ Policies (components are the backbone's `modules()`: unet, vae, text_encoder, im
   next runs, so it never sits beside the loop's activations (1.8 GiB of I2VGen-XL's fp16 weights).
 - model: one component on the device at a time, brought in by its first call (the UNet stays for
   the whole denoising loop).
-- sequential: as model, and the UNet's top-level blocks are streamed through the device: each block
-  comes in for its forward and leaves after it; from the second call on, the next block's copy
-  starts while this one computes (on CUDA, on a side stream).
+- sequential: as model, and the denoisers' (the UNet's, each Wan expert's) top-level blocks are
+  streamed through the device: each block comes in for its forward and leaves after it; from the
+  second call on, the next block's copy starts while this one computes (on CUDA, on a side stream).
 
-Every weight keeps one host (CPU) copy for the module's lifetime, pinned when the device is a CUDA
-GPU. Offloading points the module back at that copy, so nothing is ever copied off the device, and
+Every weight keeps one host (CPU) copy for the module's lifetime. On a CUDA GPU the copies of the
+components the policy brings in and out are pinned (page-locked, for asynchronous loads), tensor by
+tensor, each pageable copy released as soon as its pinned one exists, and no more than
+PINNED_HOST_FRACTION of the host's RAM in all; the components that stay on the device are not. Offloading points the module back at that copy, so nothing is ever copied off the device, and
 loading is a non-blocking copy from it. The copies stay with the modules while `Offloader`s come
 and go with `Backbone.set_offload`, so a new policy or a repeated one moves only what must move.
 Weights are read-only here (inference): change them through the loader, not on an offloaded model.
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import ContextDecorator
@@ -45,8 +49,10 @@ logger = logging.getLogger("AnyV2V")
 OFFLOAD_POLICIES = ("none", "model", "sequential")
 ENCODERS = ("text_encoder", "image_encoder")  # used only to compute the conditioning
 DENOISERS = ("unet", "transformer", "transformer_2")  # the networks of the denoising loop (Wan: two experts)
-STREAMED = "unet"  # the component the sequential policy streams block by block
 ROW_CACHE_SIZE = 32  # device-side row batches kept: the row sets (3 and 2 rows) of every temporal window
+# page-locked memory cannot be swapped or moved: the OS and the host's own tensors need the rest
+PINNED_HOST_FRACTION = 0.5
+FALLBACK_HOST_MEMORY = 16 * 2**30  # where the OS does not report its RAM
 
 
 def _callable_children(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -84,25 +90,49 @@ def nbytes(tensors) -> int:
 class Slot(NamedTuple):
     """One parameter or buffer entry of one module."""
 
-    owner: torch.nn.Module
+    # weak: the host copies are kept on the module itself, and a reference back from them would make
+    # a cycle that only the garbage collector breaks, keeping a dropped model's device weights alive
+    owner: weakref.ref
     kind: str  # "_parameters" or "_buffers"
     name: str
 
     def get(self) -> torch.Tensor:
-        return getattr(self.owner, self.kind)[self.name]
+        return getattr(self.owner(), self.kind)[self.name]
 
     def set(self, tensor: torch.Tensor) -> None:
-        getattr(self.owner, self.kind)[self.name] = tensor
+        getattr(self.owner(), self.kind)[self.name] = tensor
 
 
 def slots_of(module: torch.nn.Module) -> list[Slot]:
     """The parameter and buffer slots of a module tree (a module shared by several parents once)."""
-    return [Slot(owner, kind, name) for owner in module.modules() for kind in ("_parameters", "_buffers")
+    return [Slot(weakref.ref(owner), kind, name) for owner in module.modules() for kind in ("_parameters", "_buffers")
             for name, tensor in getattr(owner, kind).items() if tensor is not None]
 
 
 def _as_slot_tensor(slot: Slot, tensor: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(tensor, requires_grad=False) if slot.kind == "_parameters" else tensor
+
+
+def pinned_bytes_cap() -> int:
+    """The most bytes of host copies pinned at once, over every model: PINNED_HOST_FRACTION of the RAM."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        total = FALLBACK_HOST_MEMORY
+    return int(total * PINNED_HOST_FRACTION)
+
+
+def page_locked(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned copy of a host tensor."""
+    return tensor.pin_memory()
+
+
+_PINNED: "weakref.WeakSet[HostWeights]" = weakref.WeakSet()  # host copies holding pinned memory
+
+
+def pinned_bytes() -> int:
+    """Bytes of host copies pinned now, over every live model."""
+    return sum(weights.pinned_bytes for weights in _PINNED)
 
 
 class HostWeights:
@@ -111,7 +141,8 @@ class HostWeights:
     def __init__(self, module: torch.nn.Module) -> None:
         self.slots = slots_of(module)
         self.host: dict[Slot, torch.Tensor] = {}
-        self.pinned = False
+        self.pinned = False  # pinning was done (as far as the cap allowed)
+        self.pinned_bytes = 0
         copies: dict[int, torch.Tensor] = {}  # tensors shared by several slots get one host copy
         for slot in self.slots:
             current = slot.get()
@@ -121,30 +152,49 @@ class HostWeights:
 
     def refresh(self) -> None:
         """Adopt tensors put on the CPU from outside (a module moved with `.to("cpu")`) as the host copies."""
+        adopted = False
         for slot in self.slots:
             current = slot.get()
             if current.device.type == "cpu" and current is not self.host[slot]:
                 self.host[slot] = current
-                self.pinned = False
+                self.pinned, adopted = False, True
+        if adopted:
+            self.pinned_bytes = nbytes(t for t in self.host.values() if t.is_pinned())
 
     def pin(self) -> None:
-        """Page-lock the host copies (once): copies from them to a CUDA GPU are then asynchronous."""
+        """Page-lock the host copies (once): copies from them to a CUDA GPU are then asynchronous.
+
+        Tensor by tensor, each pageable copy dropped as soon as its pinned one exists (the host
+        holds one extra tensor at a time, not a second copy of the model); tensors past the cap
+        (`pinned_bytes_cap`) stay pageable, and their loads synchronous."""
         if self.pinned:
             return
-        pinned: dict[int, torch.Tensor] = {}
-        try:
-            for slot in self.slots:
-                host = self.host[slot]
-                if id(host) not in pinned:
-                    pinned[id(host)] = host if host.is_pinned() else _as_slot_tensor(slot, host.pin_memory())
-        except RuntimeError as error:  # page-locked memory is limited (Windows, containers): run unpinned
-            logger.warning("could not pin the host copy of the weights (%s); loads will be synchronous", error)
-            return
-        for slot in self.slots:
-            if slot.get() is self.host[slot]:
-                slot.set(pinned[id(self.host[slot])])
-            self.host[slot] = pinned[id(self.host[slot])]
         self.pinned = True
+        _PINNED.add(self)
+        sharing: dict[int, list[Slot]] = {}  # slots sharing one host tensor get one pinned copy
+        for slot in self.slots:
+            sharing.setdefault(id(self.host[slot]), []).append(slot)
+        cap = pinned_bytes_cap()
+        for slots in sharing.values():
+            host = self.host[slots[0]]
+            size = host.numel() * host.element_size()
+            if host.is_pinned():
+                continue
+            if pinned_bytes() + size > cap:
+                logger.warning("%.1f GiB of host copies are pinned (the cap, %.0f%% of the RAM); the rest stay "
+                               "pageable and load synchronously", pinned_bytes() / 2**30, 100 * PINNED_HOST_FRACTION)
+                return
+            try:
+                pinned = _as_slot_tensor(slots[0], page_locked(host))
+            except RuntimeError as error:  # page-locked memory is limited (Windows, containers): run unpinned
+                logger.warning("could not pin the host copy of the weights (%s); loads will be synchronous", error)
+                return
+            for slot in slots:
+                if slot.get() is host:
+                    slot.set(pinned)
+                self.host[slot] = pinned
+            self.pinned_bytes += size
+            del host, pinned  # the pageable copy goes now, before the next tensor is pinned
 
     def load(self, slots: Sequence[Slot], device: torch.device) -> None:
         """Point `slots` at device copies of their host tensors, copying those not there yet (non-blocking)."""
@@ -188,8 +238,10 @@ def host_weights(module: torch.nn.Module) -> HostWeights:
 
 
 class _Block(NamedTuple):
-    """A top-level UNet block streamed by the sequential policy."""
+    """A top-level block of a denoiser streamed by the sequential policy."""
 
+    component: str
+    index: int  # its place among the component's blocks
     module: torch.nn.Module
     slots: list[Slot]
 
@@ -206,16 +258,18 @@ class Offloader:
         self.active: str | None = None  # the component entered last (the hooks' fast path)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._rows: OrderedDict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
-        self._blocks: list[_Block] = []
-        self._unet_root: list[Slot] = []  # the UNet's slots outside any streamed block (sequential)
-        self._block_order: list[int] = []  # blocks in the order the last UNet call ran them
-        self._prefetched: dict[int, torch.cuda.Event | None] = {}
+        self._blocks: dict[str, list[_Block]] = {}  # streamed denoiser -> its blocks (sequential)
+        self._roots: dict[str, list[Slot]] = {}  # streamed denoiser -> its slots outside any block
+        self._block_order: dict[str, list[int]] = {}  # per denoiser, blocks in the order its calls ran them
+        self._prefetched: dict[tuple[str, int], torch.cuda.Event | None] = {}
         self._copy_stream = None
         if device.type == "cuda":
-            for weights in self.weights.values():
-                weights.pin()
-        if policy == "sequential" and STREAMED in components:
-            self._stream_blocks(components[STREAMED])
+            for name in self.pinned_components():
+                self.weights[name].pin()
+        if policy == "sequential":
+            for name in components:
+                if name in DENOISERS:
+                    self._stream_blocks(name)
         # leave on the device only what the policy keeps there; everything else comes in at its first call
         steady = self.steady_components() if device.type != "cpu" else []
         for name in self.weights:
@@ -228,9 +282,9 @@ class Offloader:
             # (vae.encode -> quant_conv/encoder), never through its own forward
             for entry in [module, *_callable_children(module)]:
                 self._handles.append(entry.register_forward_pre_hook(self._enter_hook(name)))
-        for index, block in enumerate(self._blocks):  # after the component hooks: they run first
-            self._handles.append(block.module.register_forward_pre_hook(self._block_hook(index, enter=True)))
-            self._handles.append(block.module.register_forward_hook(self._block_hook(index, enter=False)))
+        for block in (block for blocks in self._blocks.values() for block in blocks):  # after the component hooks
+            self._handles.append(block.module.register_forward_pre_hook(self._block_hook(block, enter=True)))
+            self._handles.append(block.module.register_forward_hook(self._block_hook(block, enter=False)))
 
     # -------------------------------------------------------------------------- components
 
@@ -249,8 +303,8 @@ class Offloader:
                 self.offload_component(other)
         weights = self.weights[name]
         try:
-            if self._blocks and name == STREAMED:
-                weights.load(self._unet_root, self.device)
+            if name in self._roots:
+                weights.load(self._roots[name], self.device)
             else:
                 weights.load(weights.slots, self.device)
         except BaseException:
@@ -259,15 +313,21 @@ class Offloader:
         self.active = name
 
     def _enter_hook(self, name: str):
+        # the hooks live on the modules, which the offloader holds: they hold it weakly, so that a
+        # dropped model (and its device weights) is freed at once, not at the next garbage collection
+        offloader = weakref.ref(self)
+
         def hook(module, args) -> None:
-            self.enter(name)
+            live = offloader()
+            if live is not None:
+                live.enter(name)
 
         return hook
 
     def offload_component(self, name: str) -> None:
         weights = self.weights[name]
-        if name == STREAMED:
-            self._drop_prefetched()
+        if name in self._blocks:
+            self._drop_prefetched(name)
         weights.offload(weights.slots)
         if self.active == name:
             self.active = None
@@ -277,6 +337,12 @@ class Offloader:
         for name in self.weights:
             self.offload_component(name)
         self._rows.clear()
+
+    def pinned_components(self) -> list[str]:
+        """Whose host copies are pinned on a CUDA GPU: those the policy loads more than once (not the
+        ones it keeps on the device, which are read from the host once)."""
+        steady = self.steady_components()
+        return [name for name in self.weights if name not in steady]
 
     def steady_components(self) -> list[str]:
         """What the policy keeps on the device between calls: all but the encoders (none); nothing
@@ -305,53 +371,65 @@ class Offloader:
 
     # -------------------------------------------------------------------------- sequential blocks
 
-    def _stream_blocks(self, unet: torch.nn.Module) -> None:
+    def _stream_blocks(self, name: str) -> None:
         owners: dict[int, int] = {}  # id(slot owner) -> the block holding it; -1 when several do
-        children = [child for child in _callable_children(unet) if slots_of(child)]
+        children = [child for child in _callable_children(self.components[name]) if slots_of(child)]
         for index, child in enumerate(children):
             for owner in child.modules():
                 owners[id(owner)] = index if owners.get(id(owner), index) == index else -1
-        slots = self.weights[STREAMED].slots
-        self._blocks = [_Block(child, [s for s in slots if owners.get(id(s.owner)) == index])
-                        for index, child in enumerate(children)]
-        self._unet_root = [s for s in slots if owners.get(id(s.owner), -1) == -1]  # the root's own and shared modules
+        slots = self.weights[name].slots
+        self._blocks[name] = [_Block(name, index, child, [s for s in slots if owners.get(id(s.owner())) == index])
+                              for index, child in enumerate(children)]
+        self._roots[name] = [s for s in slots if owners.get(id(s.owner()), -1) == -1]  # the root's own and shared modules
+        self._block_order[name] = []
 
-    def _block_hook(self, index: int, *, enter: bool):
+    def _block_hook(self, block: _Block, *, enter: bool):
+        name, index, offloader = block.component, block.index, weakref.ref(self)  # weak: see _enter_hook
+
         def before(module, args) -> None:
-            if index not in self._block_order:
-                self._block_order.append(index)
-            try:
-                self._load_block(index)
-                if len(self._block_order) == len(self._blocks):  # the order is known: prefetch the next one (cyclic)
-                    following = self._block_order.index(index) + 1
-                    self._prefetch_block(self._block_order[following % len(self._block_order)])
-            except BaseException:
-                self.offload_component(STREAMED)  # no block left half-loaded
-                raise
+            live = offloader()
+            if live is not None:
+                live._enter_block(name, index)
 
         def after(module, args, output) -> None:
-            self.weights[STREAMED].offload(self._blocks[index].slots)
-            self._prefetched.pop(index, None)
+            live = offloader()
+            if live is not None:
+                live.weights[name].offload(live._blocks[name][index].slots)
+                live._prefetched.pop((name, index), None)
 
         return before if enter else after
 
-    def _load_block(self, index: int) -> None:
-        if index in self._prefetched:
-            event = self._prefetched.pop(index)
+    def _enter_block(self, name: str, index: int) -> None:
+        order = self._block_order[name]
+        if index not in order:
+            order.append(index)
+        try:
+            self._load_block(self._blocks[name][index])
+            if len(order) == len(self._blocks[name]):  # the order is known: prefetch the next one (cyclic)
+                following = order[(order.index(index) + 1) % len(order)]
+                self._prefetch_block(self._blocks[name][following])
+        except BaseException:
+            self.offload_component(name)  # no block left half-loaded
+            raise
+
+    def _load_block(self, block: _Block) -> None:
+        key = (block.component, block.index)
+        if key in self._prefetched:
+            event = self._prefetched.pop(key)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-        self.weights[STREAMED].load(self._blocks[index].slots, self.device)
+        self.weights[block.component].load(block.slots, self.device)
 
-    def _prefetch_block(self, index: int) -> None:
-        weights = self.weights[STREAMED]
-        slots = [s for s in self._blocks[index].slots if not on_device(s.get(), self.device)]
-        if index in self._prefetched or not slots:
+    def _prefetch_block(self, block: _Block) -> None:
+        key, weights = (block.component, block.index), self.weights[block.component]
+        slots = [s for s in block.slots if not on_device(s.get(), self.device)]
+        if key in self._prefetched or not slots:
             return
         if self._copy_stream is None and self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
         if self._copy_stream is None:  # no side stream here: load it now
             weights.load(slots, self.device)
-            self._prefetched[index] = None
+            self._prefetched[key] = None
             return
         # Allocate on the compute stream (the block is freed there), copy on the side stream once the
         # compute stream has finished with whatever that memory held; the block's forward waits for the copy.
@@ -365,14 +443,15 @@ class Offloader:
                 slot.set(_as_slot_tensor(slot, target))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
-        self._prefetched[index] = event
+        self._prefetched[key] = event
 
-    def _drop_prefetched(self) -> None:
-        """Forget prefetched blocks; memory still being copied into is not reused before the copy ends."""
-        for event in self._prefetched.values():
+    def _drop_prefetched(self, name: str | None = None) -> None:
+        """Forget the prefetched blocks (of denoiser `name`, or all); memory still being copied into
+        is not reused before the copy ends."""
+        for key in [key for key in self._prefetched if name is None or key[0] == name]:
+            event = self._prefetched.pop(key)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-        self._prefetched.clear()
 
     # -------------------------------------------------------------------------- conditioning rows
 
@@ -410,11 +489,11 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return nbytes([*module.parameters(), *module.buffers()])
 
 
-def streamed_unet_bytes(unet: torch.nn.Module) -> int:
-    """Weights on the device at once while the UNet is streamed block by block: its own (and shared)
+def streamed_denoiser_bytes(denoiser: torch.nn.Module) -> int:
+    """Weights on the device at once while a denoiser is streamed block by block: its own (and shared)
     weights and its two largest blocks (the running one and the next, prefetched)."""
-    blocks = sorted((weight_bytes(child) for child in _callable_children(unet)), reverse=True)
-    return weight_bytes(unet) - sum(blocks) + sum(blocks[:2])
+    blocks = sorted((weight_bytes(child) for child in _callable_children(denoiser)), reverse=True)
+    return weight_bytes(denoiser) - sum(blocks) + sum(blocks[:2])
 
 
 def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int = 0,
@@ -428,10 +507,7 @@ def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int =
     encoders = [size for name, size in weights.items() if name in ENCODERS]
     vae = weights.get("vae", 0) + vae_activations
     denoisers = {name: size for name, size in weights.items() if name in DENOISERS}
-    if STREAMED in denoisers:
-        streamed = {**denoisers, STREAMED: streamed_unet_bytes(components[STREAMED])}
-    else:
-        streamed = denoisers
+    streamed = {name: streamed_denoiser_bytes(components[name]) for name in denoisers}
     return {
         "none": max(resident + unet_activations, resident + vae_activations, resident + sum(encoders)),
         "model": max(*(size + unet_activations for size in denoisers.values()), vae, *encoders),
@@ -439,20 +515,27 @@ def policy_peaks(components: dict[str, torch.nn.Module], unet_activations: int =
     }
 
 
-def auto_policy(backbone, total_memory: int, *, frames: int | None = None, size_wh: tuple[int, int] | None = None,
+def available_memory(free_bytes: int, freeable_bytes: int = 0, reserve_bytes: int = RESERVED_BYTES) -> int:
+    """Device bytes an edit may count on: what is free now, plus what its host can unload for it
+    (ComfyUI's other models), minus what must stay free (the host's reserve; alone, the CUDA context
+    and kernel workspaces' RESERVED_BYTES). The budget `auto_policy` fits a policy into: not the
+    card's total memory, of which the desktop, other programs and other models hold part."""
+    return max(0, int(free_bytes) + int(freeable_bytes) - int(reserve_bytes))
+
+
+def auto_policy(backbone, available_bytes: int, *, frames: int | None = None, size_wh: tuple[int, int] | None = None,
                 rows: int = 3, decode_chunk_size: int = 1) -> str:
-    """The fastest policy whose peak leaves RESERVED_BYTES of a device of `total_memory` bytes free,
-    for `rows` batch rows of `frames` frames per UNet call at `size_wh` (default: the backbone's
-    native frame count and size); "none" when `total_memory` is 0 (no accelerator to fit)."""
-    if not total_memory:
-        return "none"
+    """The fastest policy whose peak fits in `available_bytes` (`available_memory`), for `rows`
+    batch rows of `frames` frames per denoiser call at `size_wh` (default: the backbone's native frame
+    count and size); "sequential" (the least memory) when none does."""
     defaults = backbone.defaults
     activations = activation_bytes(backbone, frames=frames or defaults.num_frames, size_wh=size_wh or defaults.size_wh,
                                    rows=rows, decode_chunk_size=decode_chunk_size)
     peaks = policy_peaks(backbone.modules(), *activations)
-    policy = next((p for p in OFFLOAD_POLICIES if peaks[p] + RESERVED_BYTES <= total_memory), "sequential")
-    logger.info("memory: %s needs %s GiB (none / model / sequential); offload policy %s on a %.1f GiB device",
-                backbone.name, " / ".join(f"{peaks[p] / 2**30:.1f}" for p in OFFLOAD_POLICIES), policy, total_memory / 2**30)
+    policy = next((p for p in OFFLOAD_POLICIES if peaks[p] <= available_bytes), "sequential")
+    logger.info("memory: %s needs %s GiB (none / model / sequential); offload policy %s with %.1f GiB available",
+                backbone.name, " / ".join(f"{peaks[p] / 2**30:.1f}" for p in OFFLOAD_POLICIES), policy,
+                available_bytes / 2**30)
     return policy
 
 
@@ -462,21 +545,29 @@ class ActivationProfile:
     its real architecture (benchmarks/memory_table.py); linear in rows, frames and pixels, since
     attention runs as a fused kernel (fp16 on any CUDA GPU, bf16 from compute capability 8.0)."""
 
-    unet: float  # one UNet call, per row x frame x latent pixel
+    unet: float  # one denoiser call, per row x latent frame x latent pixel
     vae: float  # one VAE encode or decode, per frame x pixel
+    # rows one at a time (`Backbone.one_row_at_a_time`): the source row's injected Q and K of one
+    # block, held while the edit rows run it, per latent frame x latent pixel
+    held_source_row: float = 0.0
 
 
 def activation_bytes(backbone, *, frames: int, size_wh: tuple[int, int], rows: int,
                      decode_chunk_size: int = 1) -> tuple[int, int]:
-    """(UNet, VAE) peak activation bytes of a run of `backbone` on `frames` frames per UNet call
-    (the window length with temporal windows) at `size_wh`, `rows` batch rows per UNet call."""
+    """(denoiser, VAE) peak activation bytes of a run of `backbone` on `frames` video frames per
+    denoiser call (the window length with temporal windows) at `size_wh`, `rows` batch rows per
+    call (run one at a time when the backbone does, plus the source row's Q/K held meanwhile)."""
     profile, itemsize = backbone.activation_profile, backbone.dtype.itemsize
     if profile is None:  # not measured for this family: the estimates count the weights only
         return 0, 0
     width, height = size_wh
-    latent_pixels = (width // backbone.vae_scale_factor) * (height // backbone.vae_scale_factor)
-    return (int(profile.unet * rows * frames * latent_pixels * itemsize),
-            int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize))
+    latent_frames = (frames - 1) // backbone.defaults.frame_stride + 1
+    latent_elements = latent_frames * (width // backbone.vae_scale_factor) * (height // backbone.vae_scale_factor)
+    if backbone.one_row_at_a_time:
+        denoiser = (profile.unet + profile.held_source_row) * latent_elements
+    else:
+        denoiser = profile.unet * rows * latent_elements
+    return int(denoiser * itemsize), int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize)
 
 
 def device_memory(device: torch.device) -> int:
@@ -485,6 +576,11 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return 0
+
+
+def device_free_memory(device: torch.device) -> int:
+    """Free memory of a CUDA device in bytes as the driver reports it, other processes' use taken off."""
+    return torch.cuda.mem_get_info(execution_device(device))[0]
 
 
 # ---------------------------------------------------------------------------------------------- out of memory

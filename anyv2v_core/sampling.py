@@ -24,7 +24,7 @@ import torch
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
 from .injection import InjectionPlan, InjectionSettings, injected, rows_in_sequence
-from .inversion import Inversion, Progress, start_level
+from .inversion import Inversion, Progress, check_finite, start_level
 from .memory import guard_out_of_memory
 from .schedule import Level, NoiseSource
 from .video import check_frames
@@ -144,4 +144,5 @@ def sample_edit(
             latents = step.denoise(latents, guided, noise_source)
             if progress is not None:
                 progress(done, len(todo))
+    check_finite(latents, "the edit's sampling", backbone)
     return backbone.video_latents(latents, cond)

@@ -6,6 +6,7 @@
     python benchmarks/gpu.py --model wan2.1-i2v --dtype bf16 --offload none --rows batched one-at-a-time
     python benchmarks/gpu.py --device cpu --tiny --inversion-steps 4 --steps 2   # the same code path, on a CPU
     python benchmarks/gpu.py --device cpu --tiny --model wan2.2-ti2v --frames 9 --steps 2 --inversion-steps 2
+    python benchmarks/gpu.py --device standin --tiny --quick --model wan2.1-i2v --frames 9   # a GPU's device rules, no GPU
 
 The networks are the published architectures (`i2vgenxl_configs.json`, `wan_configs.json`: Wan 2.1
 I2V 14B with its UMT5-XXL and CLIP ViT-H encoders, Wan 2.2 I2V A14B's two experts, Wan 2.2 TI2V 5B)
@@ -17,11 +18,14 @@ time and the peak memory allocated on the device during it (`torch.cuda.max_memo
 reset before the phase; weights resident on the device count). Frame counts longer than the
 window run twice: all frames at once (the reference's approach) and in temporal context windows.
 A row that runs out of memory prints OOM (one the engine refuses, refused) and the table goes on.
+`--device standin` runs the tiny check on `anyv2v_core.device_standin`'s stand-in GPU (the weights
+built on the CPU, every phase under the offload policies with CUDA's device rules).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -191,12 +195,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None,
                         help="frame width and height; default 512, Wan its default size (--tiny: 32, TI2V 64)")
     parser.add_argument("--decode-chunk-size", type=int, default=EditSettings().decode_chunk_size)
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --tiny to check the script")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (default), cuda:N, or cpu / standin (the stand-in GPU) with --tiny to check the script")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on a GPU, fp32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny config of the same architecture (CPU check)")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        run(args, stack)
 
-    device = torch.device(args.device)
+
+def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    standin = args.device == "standin"
+    if standin and not args.tiny:
+        sys.exit("benchmarks/gpu.py: --device standin computes on the CPU: use it with --tiny")
+    device = torch.device("cpu" if standin else args.device)  # where the networks are built
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py: no CUDA device is available (torch.cuda.is_available() is False). This benchmark "
                  "measures GPU memory and time: run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
@@ -216,6 +228,10 @@ def main() -> None:
         else:
             backbone = build_wan_backbone(args.model, json.loads(WAN_CONFIGS.read_text())[args.model], device, dtype,
                                           Path(scratch))
+    if standin:
+        from anyv2v_core.device_standin import StandInDevice
+
+        device = stack.enter_context(StandInDevice()).device  # where they run
     d = backbone.defaults
     quick_steps = (10, 10) if wan else (50, 25)
     inversion_steps = args.inversion_steps or (quick_steps[0] if args.quick else d.inversion_steps)
@@ -227,7 +243,7 @@ def main() -> None:
     overlap = args.window_overlap if args.window_overlap is not None else (8 if wan else ContextWindows().overlap)
     windows = ContextWindows(window, overlap) if window else None
     meter = Meter(device)
-    name = torch.cuda.get_device_name(device) if meter.cuda else "CPU"
+    name = torch.cuda.get_device_name(device) if meter.cuda else "the stand-in GPU" if standin else "CPU"
     unit = "GiB allocated" if meter.cuda else "GiB RSS rise"
     print(f"### AnyV2V on {args.model}{' (tiny config)' if args.tiny else ''}, random weights: {name}, {str(dtype)[6:]}, "
           f"{size_wh[0]}x{size_wh[1]}, {inversion_steps} inversion / {steps} sampling steps (order "

@@ -178,6 +178,37 @@ def measure(build, configs: Path, dtype: torch.dtype) -> dict:
                                               vae=max(vae_peaks.values()) / (size * size * dtype.itemsize)))
 
 
+def wan_profile(dtype: torch.dtype) -> ActivationProfile:
+    """Wan 2.1 I2V 14B's activation coefficients (benchmarks/wan_configs.json, the published configs):
+    one transformer call on 1 row at 832x480 x 81 frames (21 latent frames) and at half the frames
+    and half the size, per row x latent frame x latent pixel; the VAE (float32 in the engine) decoding
+    one latent frame at 832x480, per pixel and per byte of `dtype`; and the Q and K of one block's
+    source row that rows-one-at-a-time holds (2 x the hidden width per token of 2x2 latent pixels)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from anyv2v_core.backbones.rotary import cast_keeping_rotary_float32
+
+    config = json.loads((Path(__file__).parent / "wan_configs.json").read_text())["wan2.1-i2v"]
+    expert = config["experts"]["transformer"]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transformer = cast_keeping_rotary_float32(WanTransformer3DModel.from_config(expert).eval(), dtype)
+        vae = AutoencoderKLWan.from_config(config["vae"]).eval()
+
+        def call(frames: int, h: int, w: int) -> float:
+            peak = peak_of(lambda: transformer(
+                hidden_states=torch.randn(1, expert["in_channels"], frames, h, w, dtype=dtype),
+                timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 512, expert["text_dim"], dtype=dtype),
+                encoder_hidden_states_image=torch.randn(1, 257, expert["image_dim"], dtype=dtype), return_dict=False))
+            return peak / (frames * h * w * dtype.itemsize)
+
+        per_element = max(call(21, 60, 104), call(11, 60, 104), call(21, 30, 52))
+        decode = peak_of(lambda: vae.decode(torch.randn(1, 16, 1, 60, 104), return_dict=False))
+    dim = expert["num_attention_heads"] * expert["attention_head_dim"]
+    patch_pixels = expert["patch_size"][1] * expert["patch_size"][2]
+    return ActivationProfile(unet=per_element, vae=decode / (832 * 480 * dtype.itemsize),
+                             held_source_row=2 * dim / patch_pixels)
+
+
 def most_frames(report: dict, policy: str, dtype: torch.dtype, total: int) -> int:
     """The most frames per 3-row UNet call under `policy` on a device of `total` bytes (the estimate
     `memory.activation_bytes` makes from the coefficients), by bisection: the peak grows with frames."""
@@ -205,9 +236,15 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, default=CONFIGS, help="the published configs (model-configs/)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--backbones", nargs="+", choices=tuple(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--wan", action="store_true", help="only Wan's coefficients (wan_profile), in --dtype")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(1)
+    if args.wan:
+        profile = wan_profile(dtype)
+        print(f"Wan: ActivationProfile(unet={profile.unet:.0f}, vae={profile.vae:.0f}, "
+              f"held_source_row={profile.held_source_row:.0f})")
+        return
     reports = [measure(BACKBONES[key], args.configs, dtype) for key in args.backbones]
 
     components = ["unet", "vae", "text_encoder", "image_encoder"]

@@ -51,6 +51,7 @@ ENGINE = "tests/test_engine.py::"
 EDITS = "tests/test_backbone_edits.py::"
 NODES = "tests/test_nodes.py::"
 WAN = "tests/test_wan.py::"
+PLACEMENT = "tests/test_device_placement.py::"
 
 SELECT_START = """                "start_frame": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
                                         "tooltip": "Index of the first frame to keep (0 = the first frame)."}),
@@ -168,8 +169,27 @@ MUTATIONS = [
              (WAN + "test_a14b_switches_experts_at_the_same_sigma_in_inversion_and_sampling",
               WAN + "test_taus_zero_is_diffusers_image_to_video_from_the_inverted_latent")),
     Mutation("ti2v-first-frame-not-clean", "anyv2v_core/backbones/wan.py",
-             "        per_token[0] = 0  # the clean first frame", "        per_token[0] = timestep",
+             "        per_token[:clean_frames] = 0  # the clean first frame", "        per_token[:clean_frames] = timestep",
              (WAN + "test_taus_zero_is_diffusers_image_to_video_from_the_inverted_latent",)),
+    # device slips in a Wan backbone's encode, predict and decode (issue 19): the stand-in device catches each
+    Mutation("wan-encode-returns-host-latents", "anyv2v_core/backbones/wan.py",
+             "        return (latents - self.latents_mean.to(latents.device)) / self.latents_std.to(latents.device)",
+             "        return (latents.cpu() - self.latents_mean) / self.latents_std",
+             (PLACEMENT + "test_every_phase_runs_on_the_device_with_the_cpu_frames[wan2.1-i2v-all-frames-order1-none]",)),
+    Mutation("wan-predict-returns-host-velocity", "anyv2v_core/backbones/wan.py",
+             "        return output.to(torch.float32)\n", "        return output.to(\"cpu\", torch.float32)\n",
+             (PLACEMENT + "test_every_phase_runs_on_the_device_with_the_cpu_frames[wan2.2-i2v-a14b-all-frames-order2-model]",)),
+    Mutation("wan-decode-host-normalisation", "anyv2v_core/backbones/wan.py",
+             "z * self.latents_std.to(self.device) + self.latents_mean.to(self.device)",
+             "z * self.latents_std + self.latents_mean",
+             (PLACEMENT + "test_every_phase_runs_on_the_device_with_the_cpu_frames[wan2.2-ti2v-windows-order1-sequential]",)),
+    Mutation("ti2v-clean-frame-in-every-window", "anyv2v_core/backbones/wan.py",
+             "        clean_frames = 1 if bool(rows[0].follows_first_frame[0, 0, 0]) else 0",
+             "        clean_frames = 1",
+             (WAN + "test_ti2v_windows_put_the_clean_first_frame_in_the_first_window_only",)),
+    Mutation("nan-inversion-decoded-silently", "anyv2v_core/inversion.py",
+             '    check_finite(latents, "the inversion", backbone)\n', "",
+             ("tests/test_precision.py::test_nan_latents_after_inversion_or_sampling_are_a_clear_error_not_a_black_video",)),
     Mutation("one-row-at-a-time-loses-the-source", "anyv2v_core/injection.py",
              "                self.events[kind] += 1\n                return self.source_outputs[module]",
              "                self.events[kind] += 1\n                return None",
@@ -198,6 +218,10 @@ MUTATIONS = [
              "        for handle in self._handles:\n            handle.remove()",
              "        for handle in self._handles:\n            pass",
              ("tests/test_memory.py::test_release_removes_every_offload_hook",)),
+    Mutation("offload-hooks-hold-the-offloader", "anyv2v_core/memory.py",
+             "            live = offloader()\n            if live is not None:\n                live.enter(name)",
+             "            self.enter(name)",
+             ("tests/test_memory.py::test_a_dropped_backbone_frees_its_device_weights_at_once_without_the_garbage_collector[wan2.1-i2v]",)),
     # ------------------------------------------------------------------ the nodes' host glue
     Mutation("progress-ignores-cancel", "nodes/host.py",
              "        check_interrupted()\n        if bar is not None:", "        if bar is not None:",

@@ -13,6 +13,10 @@ edit), then the VAE decoding one frame. Reported: the bytes to the device and ba
 per UNet call (the mean over the calls after the first: the loop's steady state), the share of
 the bytes to the device asked for as non-blocking copies, and both totals over the sequence.
 One pass over the UNet's weights is the floor for sequential offload.
+
+Also reported, per policy, the host RAM the weights take on a CUDA GPU (`host_ram_peak`): the
+pageable host copies, the pinned ones as PyTorch's pinned-memory allocator holds them (each block
+rounded up to a power of two), and one tensor held twice while it is being pinned.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from overhead import markdown  # noqa: E402  (benchmarks/ is this script's folde
 
 from anyv2v_core.backbones.i2vgen_xl import I2VGenXLBackbone, I2VGenXLRow  # noqa: E402
 from anyv2v_core.device_standin import StandInDevice, weightless_on_host  # noqa: E402
-from anyv2v_core.memory import OFFLOAD_POLICIES  # noqa: E402
+from anyv2v_core.memory import OFFLOAD_POLICIES, Offloader, pinned_bytes_cap  # noqa: E402
 
 CONFIGS = Path(__file__).with_name("i2vgenxl_configs.json")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -77,6 +81,26 @@ def replay(backbone: I2VGenXLBackbone, gpu: StandInDevice, *, frames: int, size:
             "to device in all": gpu.bytes_to_device, "to host in all": gpu.bytes_to_host}
 
 
+def pinned_block(size: int) -> int:
+    """Bytes PyTorch's CUDA host allocator holds for a pinned tensor of `size` bytes (a power of two)."""
+    return 1 << max(0, size - 1).bit_length()
+
+
+def host_ram_peak(offloader: Offloader) -> tuple[int, int]:
+    """(host RAM peak, pinned bytes) of the offloader's host copies on a CUDA GPU, pinned as
+    `HostWeights.pin` pins them: the components it loads more than once, tensor by tensor, up to the cap."""
+    pinned_components, cap = set(offloader.pinned_components()), pinned_bytes_cap()
+    held = pinned = largest = 0
+    for name, weights in offloader.weights.items():
+        for tensor in {id(t): t for t in weights.host.values()}.values():
+            size = tensor.numel() * tensor.element_size()
+            if name in pinned_components and pinned + size <= cap:
+                pinned, held, largest = pinned + size, held + pinned_block(size), max(largest, size)
+            else:
+                held += size
+    return held + largest, pinned
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=16)
@@ -92,16 +116,18 @@ def main() -> None:
     print(f"### I2VGen-XL ({args.dtype}, {args.size}x{args.size}, {args.frames} frames): weights "
           + ", ".join(f"{name} {size / GIB:.3f} GiB" for name, size in weights.items()) + "\n")
     header = ["policy", "to device per UNet call GiB", "to host per UNet call GiB", "x one pass over the UNet",
-              "non-blocking share", "to device in all GiB", "to host in all GiB"]
+              "non-blocking share", "to device in all GiB", "to host in all GiB", "host RAM peak GiB",
+              "of which pinned GiB"]
     rows = []
     for policy in OFFLOAD_POLICIES:
         with StandInDevice(weightless=True) as gpu:
             backbone.set_offload(policy, gpu.device)
+            host_peak, pinned = host_ram_peak(backbone.offloader)
             counts = replay(backbone, gpu, frames=args.frames, size=args.size, calls=args.calls)
             backbone.to("cpu")  # not counted: the next policy starts from the host
         rows.append([policy, counts["to device per call"] / GIB, counts["to host per call"] / GIB,
                      counts["to device per call"] / weights["unet"], counts["non-blocking share"],
-                     counts["to device in all"] / GIB, counts["to host in all"] / GIB])
+                     counts["to device in all"] / GIB, counts["to host in all"] / GIB, host_peak / GIB, pinned / GIB])
     print(markdown(header, rows))
 
 

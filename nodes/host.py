@@ -234,7 +234,8 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
     and the estimated activations need, and afterwards (also after an error or a cancel) it goes
     back to the offload device unless the mode keeps it loaded (then ComfyUI may evict it later).
     """
-    from anyv2v_core.memory import FRAGMENTATION, activation_bytes, auto_policy, execution_device, guard_out_of_memory
+    from anyv2v_core.memory import (
+        FRAGMENTATION, activation_bytes, auto_policy, available_memory, execution_device, guard_out_of_memory)
 
     backbone, device = handle.backbone, execution_device(compute_device())
     if handle.offload == "comfyui":  # a ComfyUI MODEL: its own model management places it at every call
@@ -242,9 +243,10 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
         return
     frames, size_wh = frames or backbone.defaults.num_frames, size_wh or backbone.defaults.size_wh
     policy = handle.offload
-    if policy == "auto":
-        policy = auto_policy(backbone, total_device_memory(device), frames=frames, size_wh=size_wh, rows=rows,
-                             decode_chunk_size=decode_chunk_size)
+    if policy == "auto":  # no device memory to fit (the CPU): nothing to choose
+        total = total_device_memory(device)
+        policy = "none" if not total else auto_policy(backbone, available_memory(total), frames=frames,
+                                                      size_wh=size_wh, rows=rows, decode_chunk_size=decode_chunk_size)
     if (backbone.offloader.policy, backbone.offloader.device) != (policy, device):  # else: already set up, nothing moves
         logger.info("running %s on %s (offload: %s)", backbone.name, device, policy)
         backbone.set_offload(policy, device)

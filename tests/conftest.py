@@ -46,6 +46,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory) -> dict:
+    """The tiny model of every backbone family (tests/tiny_backbones.py), written (or found) once;
+    `TINY_BACKBONES[name].load(tiny_sources[name])` loads a fresh copy."""
+    from tiny_backbones import TINY_BACKBONES
+
+    root = tmp_path_factory.mktemp("tiny-backbones")
+    return {name: tiny.build(root) for name, tiny in TINY_BACKBONES.items()}
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(tiny_model_dir):
     from anyv2v_core.loading import load_backbone
 

@@ -107,6 +107,7 @@ def test_job_ids_follow_content_and_settings_groups_follow_the_inversion(inputs,
         "the same video copied elsewhere": {**base, "video": str(copy)},
         "a relative path": {**base, "video": "source.mp4"},
         "numbers as strings": {**base, "steps": "2", "inversion_steps": "4"},
+        "the model folder spelled with ..": {**base, "model": str(Path(base["model"]) / ".." / Path(base["model"]).name)},
         "another prompt": {**base, "prompt": "a green square"},
         "another seed": {**base, "seed": 3},
         "another video": {**base, "video": str(other)},
@@ -117,7 +118,8 @@ def test_job_ids_follow_content_and_settings_groups_follow_the_inversion(inputs,
     by_line = {job.line: job for job in jobs}  # a repeated job is kept once, at its first line
     names = list(variants)
     same_as_base = [name for i, name in enumerate(names, start=1) if i not in by_line]
-    assert same_as_base == ["the same video copied elsewhere", "a relative path", "numbers as strings"]
+    assert same_as_base == ["the same video copied elsewhere", "a relative path", "numbers as strings",
+                            "the model folder spelled with .."]
     kept = {names[line - 1]: job for line, job in by_line.items()}
     assert len({job.id for job in kept.values()}) == len(kept)
     assert kept["another prompt"].group == kept["another seed"].group == kept["base"].group

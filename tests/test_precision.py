@@ -48,6 +48,20 @@ def test_auto_from_compute_capability_8_follows_the_family(gpu):
     assert resolve_dtype("bf16", CUDA) == torch.bfloat16
 
 
+def test_auto_follows_comfyuis_fp16_rules_without_comfyui(gpu):
+    """Pascal computes fp16 no faster than fp32 and GTX 16xx-class cards give NaN in fp16: ComfyUI runs
+    both in fp32, and so does the engine alone, so one model loads in one precision with or without it."""
+    gpu((6, 1), "NVIDIA GeForce GTX 1080")
+    assert resolve_dtype("auto", CUDA) == torch.float32
+    assert resolve_dtype("fp16", CUDA) == torch.float16  # asked for: slow, not wrong
+    gpu((7, 5), "NVIDIA GeForce GTX 1660 SUPER")
+    assert resolve_dtype("auto", CUDA) == resolve_dtype("auto", CUDA, BF16_FIRST) == torch.float32
+    with pytest.raises(ModelLoadError, match=r"fp16 gives NaN / black frames on this GPU \(NVIDIA GeForce GTX 1660"):
+        resolve_dtype("fp16", CUDA)
+    gpu((7, 5), "NVIDIA GeForce RTX 2080 Ti")  # the same architecture with tensor cores
+    assert resolve_dtype("auto", CUDA) == torch.float16
+
+
 def test_auto_is_float32_off_cuda():
     assert resolve_dtype("auto", torch.device("cpu"), BF16_FIRST) == torch.float32
 
@@ -132,3 +146,41 @@ def test_rotary_frequencies_stay_float32_in_half_precision_models(name):
     assert {p.dtype for p in others} == {torch.float16}
     reference = next(m for m in full.modules() if isinstance(m, RotaryEmbedding))
     assert torch.equal(rotaries[0].angles(16), reference.angles(16))  # positions x frequencies as in float32
+
+
+# ---------------------------------------------------------------------------------------------- overflow
+
+
+def test_a_half_precision_encode_that_overflows_is_redone_in_float32(tiny_model_dir):
+    from anyv2v_core.backbones.vae_frames import encode_frames
+    from anyv2v_core.loading import load_backbone
+    from anyv2v_core.tiny_models import moving_square_video
+
+    vaes = {dtype: load_backbone(tiny_model_dir, dtype=dtype).vae for dtype in (torch.float16, torch.float32)}
+    for vae in vaes.values():  # activations beyond fp16's range (65504) after the first convolution
+        vae.encoder.conv_in.weight.data *= 1e5
+    frames = moving_square_video(2, 32)
+    with torch.inference_mode():
+        plain = vaes[torch.float16].encode(frames[:1].permute(0, 3, 1, 2).half() * 2 - 1).latent_dist.parameters
+    assert not torch.isfinite(plain).all(), "the test needs an encode that overflows in fp16"
+    latents = encode_frames(vaes[torch.float16], frames, scaling_factor=0.18215, device=torch.device("cpu"))
+    expected = encode_frames(vaes[torch.float32], frames, scaling_factor=0.18215, device=torch.device("cpu"))
+    assert torch.isfinite(latents).all()
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-2)  # the fp16 weights, computed in float32
+
+
+@pytest.mark.parametrize("phase", ["the inversion", "the edit's sampling"])
+def test_nan_latents_after_inversion_or_sampling_are_a_clear_error_not_a_black_video(tiny_model_dir, phase):
+    from anyv2v_core.errors import AnyV2VError
+    from anyv2v_core.loading import load_backbone
+    from anyv2v_core.pipeline import EditSettings, edit, invert_source
+    from anyv2v_core.tiny_models import moving_square_video
+
+    backbone = load_backbone(tiny_model_dir)
+    source = moving_square_video(4, 32)
+    settings = EditSettings(size_wh=(32, 32), inversion_steps=2, steps=2, start_index=0)
+    inversion = None if phase == "the inversion" else invert_source(backbone, source, settings)
+    # an overflow in the denoiser, as a broken fp16 GPU gives
+    backbone.unet.register_forward_hook(lambda module, args, output: (output[0] * float("inf"),))
+    with pytest.raises(AnyV2VError, match=f"{phase} of i2vgen-xl gave NaN/inf latents in float32.*precision"):
+        edit(backbone, source, source[:1], prompt="a square", settings=settings, inversion=inversion)

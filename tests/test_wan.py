@@ -414,3 +414,44 @@ def test_published_architectures_have_every_injection_target(repo, experts, para
     layers = injection_layers_for(experts, blocks)
     assert missing_layers(torch.nn.ModuleDict(networks), layers) == []
     assert len(layers.attention) == len(experts) * networks["transformer"].config.num_layers
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scale_factor_temporal": 8}, r"8 frames and 8x8 pixels per latent\) does not fit wan2.1-i2v, which takes 16 channels, 4 frames"),
+    ({"scale_factor_spatial": 16}, r"4 frames and 16x16 pixels per latent\) does not fit wan2.1-i2v.* 8x pixels"),
+    ("ti2v", r"this VAE \(8 latent channels.* does not fit wan2.1-i2v, which takes 16 channels.*Wan 2.2's for TI2V 5B"),
+])
+def test_a_vae_with_other_factors_or_channels_is_refused_at_load(wan_folders, tmp_path, change, message):
+    """The VAE's compression is read from its config; one that does not fit the transformer is refused
+    before any encoding, naming the VAE to use (not a raw channel-count RuntimeError mid-edit)."""
+    folder = shutil.copytree(wan_folders["wan2.1-i2v"], tmp_path / "wan")
+    if change == "ti2v":  # Wan 2.2's VAE with a Wan 2.1 transformer, a common mistake
+        shutil.rmtree(folder / "vae")
+        shutil.copytree(wan_folders["wan2.2-ti2v"] / "vae", folder / "vae")
+    else:
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        (folder / "vae" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelLoadError, match=message):
+        load_backbone(folder, dtype="fp32")
+
+
+def test_ti2v_windows_put_the_clean_first_frame_in_the_first_window_only(wan):
+    """A later temporal window starts mid-video: the clean first frame (timestep 0) goes in front of the
+    window that starts the video, not of every window."""
+    from anyv2v_core.windows import ContextWindows
+
+    backbone, calls = wan["wan2.2-ti2v"], []  # per transformer call: latent frames in, tokens at timestep 0
+
+    def spy(module, args, kwargs):
+        timestep = kwargs["timestep"]
+        if timestep.max() > 0:  # not the inversion's first evaluation, at the clean end
+            calls.append((kwargs["hidden_states"].shape[2], int((timestep == 0).sum())))
+
+    handle = backbone.transformers["transformer"].register_forward_pre_hook(spy, with_kwargs=True)
+    try:  # 13 frames: 3 generated latent frames after the first, in latent windows [0, 2) and [1, 3)
+        invert_video(backbone, moving_square_video(13, 64), inversion_steps=2, sampling_steps=2, order=1,
+                     windows=ContextWindows(5, 4))
+    finally:
+        handle.remove()
+    tokens_per_frame = (64 // 16 // 2) ** 2
+    assert calls == [(3, tokens_per_frame), (2, 0)]

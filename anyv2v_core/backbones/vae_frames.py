@@ -21,12 +21,19 @@ def encode_frames(vae, frames: torch.Tensor, *, scaling_factor: float, device: t
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Latents [1, C, F, h, w] float32 (times `scaling_factor`) of frames [F, H, W, 3] in 0..1.
 
-    The posterior mean, unless `generator` is given: then the posterior is sampled with it.
+    The posterior mean, unless `generator` is given: then the posterior is sampled with it. A frame
+    whose half-precision encoding is not finite is encoded again in float32, as `decode_latents` does.
     """
-    latents = []
-    for frame in frames:
-        pixels = (frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(device, vae.dtype)
-        posterior = vae.encode(pixels).latent_dist
+    latents, vae_float32 = [], None
+    for index, frame in enumerate(frames):
+        pixels = (frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(device)
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+        if vae.dtype != torch.float32 and not torch.isfinite(posterior.parameters).all():
+            logger.warning("the %s VAE encode of frame %d overflowed; encoding it in float32",
+                           str(vae.dtype).removeprefix("torch."), index)
+            if vae_float32 is None:
+                vae_float32 = float32_copy(vae)
+            posterior = vae_float32.encode(pixels.to(torch.float32)).latent_dist
         latent = posterior.mean if generator is None else posterior.sample(generator)
         latents.append(latent.to(torch.float32) * scaling_factor)
     return torch.stack(latents, dim=2)

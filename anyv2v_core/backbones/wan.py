@@ -32,12 +32,13 @@ import torch
 
 from ..errors import AnyV2VError, ModelLoadError
 from ..flow_schedule import FlowMatchingSchedule, SigmaSpacing
+from ..memory import ActivationProfile
 from ..windows import ContextWindows
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .vae_frames import FirstFrameLatent
 
 TEXT_TOKENS = 512  # Wan's text context; its image cross-attention takes every token before the last 512
-TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first)
+TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first) of every Wan VAE: the frame rule before loading
 
 # Official settings (Wan-Video repositories' generate.py and configs: size, frames, fps, guidance,
 # shift; see the README's Wan section), except the step counts: the official samplers take 40-50
@@ -119,10 +120,15 @@ class WanRow(RowCondition):
 
 @dataclass
 class WanTI2VRow(RowCondition):
-    """Wan 2.2 TI2V conditioning of one row: the first frame rides along as a clean latent frame."""
+    """Wan 2.2 TI2V conditioning of one row: the first frame rides along as a clean latent frame in
+    front of the generated ones, in the first temporal window only (a later window starts mid-video)."""
 
+    frame_fields: ClassVar[tuple[str, ...]] = ("follows_first_frame",)
     text_embeddings: torch.Tensor  # [1, 512, D] float32, CPU
     first_frame_latents: torch.Tensor  # [1, C, 1, h, w] float32, CPU
+    # [1, 1, F'-1, 1, 1] bool over the generated latent frames: True on the one right after the first
+    # frame; a window whose first frame has it is the video's first window
+    follows_first_frame: torch.Tensor
 
 
 class WanBackbone(Backbone):
@@ -131,6 +137,9 @@ class WanBackbone(Backbone):
     sampler = None  # the flow solver of the inversion order
     inversion_order = 2
     half_dtypes = (torch.bfloat16, torch.float16)  # trained in bf16: dtype "auto" takes it where the GPU runs it
+    # measured on Wan 2.1 I2V 14B (benchmarks/memory_table.py --wan, docs/memory.md); the A14B experts share
+    # its architecture; TI2V 5B's narrower transformer needs less per token (an overestimate there)
+    activation_profile = ActivationProfile(unet=14425, vae=3461, held_source_row=2560)
 
     def __init__(self, *, name: str, defaults: BackboneDefaults, schedule: FlowMatchingSchedule,
                  transformers: dict[str, torch.nn.Module], vae, text_encoder, tokenizer, image_encoder=None,
@@ -144,7 +153,17 @@ class WanBackbone(Backbone):
         self.boundary_time = None if boundary_ratio is None else boundary_ratio * self.schedule.num_train_timesteps
         first = transformers["transformer"].config
         self.patch_hw = tuple(first.patch_size[1:])
+        # the VAE's own compression (its diffusers config), checked against the model's rules before any encoding
         self.vae_scale_factor = int(vae.config.scale_factor_spatial)
+        self.temporal_stride = int(vae.config.scale_factor_temporal)
+        latent_channels = int(vae.config.z_dim)
+        if (self.temporal_stride != defaults.frame_stride or latent_channels != first.out_channels
+                or self.vae_scale_factor * self.patch_hw[0] != defaults.size_multiple):
+            raise ModelLoadError(
+                f"this VAE ({latent_channels} latent channels, {self.temporal_stride} frames and {self.vae_scale_factor}x"
+                f"{self.vae_scale_factor} pixels per latent) does not fit {name}, which takes {first.out_channels} "
+                f"channels, {defaults.frame_stride} frames and {defaults.size_multiple // self.patch_hw[0]}x pixels: "
+                "use the VAE of the model's own repository (Wan 2.1's for Wan 2.1 and Wan 2.2 A14B, Wan 2.2's for TI2V 5B)")
         self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         blocks = range(int(first.num_layers)) if attention_blocks is None else attention_blocks
@@ -179,10 +198,11 @@ class WanBackbone(Backbone):
         """Video-frame windows (length 4k + 1, overlap a multiple of 4) as latent-frame windows."""
         if windows is None:
             return None
-        if (windows.length - 1) % TEMPORAL_STRIDE or windows.overlap % TEMPORAL_STRIDE:
-            raise AnyV2VError(f"Wan windows need a length of 4k + 1 frames and an overlap that is a multiple of 4 "
-                              f"(got {windows.length} / {windows.overlap}); e.g. 33 / 8")
-        return ContextWindows((windows.length - 1) // TEMPORAL_STRIDE + 1, windows.overlap // TEMPORAL_STRIDE)
+        stride = self.temporal_stride
+        if (windows.length - 1) % stride or windows.overlap % stride:
+            raise AnyV2VError(f"Wan windows need a length of {stride}k + 1 frames and an overlap that is a multiple of "
+                              f"{stride} (got {windows.length} / {windows.overlap}); e.g. {8 * stride + 1} / {2 * stride}")
+        return ContextWindows((windows.length - 1) // stride + 1, windows.overlap // stride)
 
     # ------------------------------------------------------------------------------------------ conditioning
 
@@ -218,8 +238,8 @@ class WanBackbone(Backbone):
         # Wan's negative row keeps the image conditioning: only the prompt differs.
         latents = self._first_frame_latents.get(  # [1, C, F', h, w]
             first_frame, lambda frame: self.encode_video(first_frame_then_grey(frame, num_frames)), key=(num_frames,))
-        mask = torch.zeros(1, TEMPORAL_STRIDE, *latents.shape[2:])
-        mask[:, :, 0] = 1  # the first latent frame holds one known video frame, repeated over the 4 mask channels
+        mask = torch.zeros(1, self.temporal_stride, *latents.shape[2:])
+        mask[:, :, 0] = 1  # the first latent frame holds one known video frame, repeated over the temporal_stride mask channels
         image_embeddings = None
         if self.image_encoder is not None:
             image_embeddings = self._first_frame_tokens.get(first_frame, self.encode_image)
@@ -233,8 +253,8 @@ class WanBackbone(Backbone):
         """Normalised latents [1, C, F', h, w] of frames [F, H, W, 3] (the whole clip through the causal VAE)."""
         pixels = (frames.permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1).to(self.device, self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.mean if generator is None else posterior.sample(generator)
-        return (latents.to("cpu", torch.float32) - self.latents_mean) / self.latents_std
+        latents = (posterior.mean if generator is None else posterior.sample(generator)).to(torch.float32)
+        return (latents - self.latents_mean.to(latents.device)) / self.latents_std.to(latents.device)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[WanRow]) -> torch.Tensor:
@@ -256,8 +276,9 @@ class WanBackbone(Backbone):
         """Frames [F, H, W, 3] float32 0..1 on the CPU. The causal VAE decodes the whole clip one
         latent frame at a time with its own cache, so `chunk_size` does not apply; `progress` is
         reported (and may cancel) after each latent frame."""
-        z = (latents.to(torch.float32) * self.latents_std + self.latents_mean).to(self.device, self.vae.dtype)
-        total = (latents.shape[2] - 1) * TEMPORAL_STRIDE + 1
+        z = latents.to(self.device, torch.float32)
+        z = (z * self.latents_std.to(self.device) + self.latents_mean.to(self.device)).to(self.vae.dtype)
+        total = (latents.shape[2] - 1) * self.temporal_stride + 1
         decoded = [0]
 
         def report(module, args, output) -> None:
@@ -281,24 +302,30 @@ class WanTI2VBackbone(WanBackbone):
     @torch.inference_mode()
     def condition(self, first_frame: torch.Tensor, prompt: str, *, num_frames: int, fps: int,
                   unconditional: bool = False) -> WanTI2VRow:
+        follows_first_frame = torch.zeros(1, 1, (num_frames - 1) // self.temporal_stride, 1, 1, dtype=torch.bool)
+        follows_first_frame[:, :, 0] = True
         return WanTI2VRow(text_embeddings=self.encode_prompt(prompt),
-                          first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video))
+                          first_frame_latents=self._first_frame_latents.get(first_frame, self.encode_video),
+                          follows_first_frame=follows_first_frame)
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[WanTI2VRow]) -> torch.Tensor:
-        """Velocity [B, C, F'-1, h, w] of the generated latent frames [B, C, F'-1, h, w]."""
+        """Velocity [B, C, W, h, w] of generated latent frames [B, C, W, h, w] (all of them, or one
+        temporal window); the clean first frame goes in front of the window that starts the video."""
         device, dtype = self.device, self.dtype
-        first = torch.cat([row.first_frame_latents for row in rows]).to(latents)
-        sample = torch.cat([first, latents], dim=2)  # [B, C, F', h, w]
+        clean_frames = 1 if bool(rows[0].follows_first_frame[0, 0, 0]) else 0
+        sample = latents
+        if clean_frames:
+            sample = torch.cat([torch.cat([row.first_frame_latents for row in rows]).to(latents), latents], dim=2)
         tokens_hw = (sample.shape[3] // self.patch_hw[0]) * (sample.shape[4] // self.patch_hw[1])
         per_token = torch.full((sample.shape[2], tokens_hw), timestep, dtype=torch.float32)
-        per_token[0] = 0  # the clean first frame
+        per_token[:clean_frames] = 0  # the clean first frame
         output = self.expert_for(timestep)(
             hidden_states=sample.to(device, dtype),
             timestep=per_token.flatten().expand(len(rows), -1).to(device),
             encoder_hidden_states=torch.cat([row.text_embeddings for row in rows]).to(device, dtype),
             return_dict=False)[0]
-        return output[:, :, 1:].to(torch.float32)
+        return output[:, :, clean_frames:].to(torch.float32)
 
     def video_latents(self, latents: torch.Tensor, row: WanTI2VRow) -> torch.Tensor:
         return torch.cat([row.first_frame_latents.to(latents), latents], dim=2)

@@ -145,8 +145,8 @@ def _make_paths_absolute(args: argparse.Namespace) -> None:
         if isinstance(value, Path):
             setattr(args, key, value.expanduser().absolute())
     local_model = Path(args.model).expanduser()
-    if local_model.exists():
-        args.model = str(local_model.absolute())
+    if local_model.exists():  # resolved: two spellings of one folder (`..`, a link) are one model, one job id
+        args.model = str(local_model.resolve())
 
 
 def _files_hash(files: list[Path], known: dict[Path, str]) -> str:
