@@ -166,8 +166,8 @@ MUTATIONS = [
              "                self.events[kind] += 1\n                return None",
              (WAN + "test_rows_one_at_a_time_give_the_batched_edit",)),
     Mutation("native-velocity-sign", "nodes/comfy_wan.py",
-             "return ((x - denoised) / sigma).to(\"cpu\", torch.float32)",
-             "return ((denoised - x) / sigma).to(\"cpu\", torch.float32)",
+             "return ((x - denoised) / sigma).to(torch.float32)",
+             "return ((denoised - x) / sigma).to(torch.float32)",
              ("tests/test_comfyui_wan.py::test_without_injection_the_edit_is_comfyuis_own_euler_sampler_and_follows_the_models_shift",)),
     # ------------------------------------------------------------------ windows.py
     Mutation("windows-not-normalised", "anyv2v_core/windows.py",
