@@ -22,11 +22,14 @@ TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[str, str]:
+def results(request) -> dict[str, str]:
+    """The results of the checks this session selected (all of them, or those `-k` / a node id picks)."""
     if not COMFYUI_DIR:
         skip_unless_ci("COMFYUI_DIR is not set (path to a ComfyUI checkout to test the pack in)")
-    run = subprocess.run([COMFYUI_PYTHON, str(REPO_ROOT / "tests" / "comfyui_native_checks.py"), COMFYUI_DIR],
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    run = subprocess.run([COMFYUI_PYTHON, str(REPO_ROOT / "tests" / "comfyui_native_checks.py"), COMFYUI_DIR,
+                          *selected], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, f"the checks did not run:\n{run.stderr[-5000:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
 
