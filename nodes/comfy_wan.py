@@ -35,7 +35,8 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 from anyv2v_core.backbones.base import Backbone, InjectionLayers, RowCondition
-from anyv2v_core.backbones.wan import TEMPORAL_STRIDE, WAN_DEFAULTS, attention_block_indices, first_frame_then_grey
+from anyv2v_core.backbones.wan import (TEMPORAL_STRIDE, WAN_DEFAULTS, WanBackbone, attention_block_indices,
+                                        first_frame_then_grey)
 from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.flow_schedule import FlowMatchingSchedule, as_float32
 
@@ -178,6 +179,9 @@ class ComfyWanBackbone(Backbone):
 
     def row_blocks(self) -> list[torch.nn.Module]:
         return [block for patcher in self.experts.values() for block in patcher.model.diffusion_model.blocks]
+
+    # video-frame windows as latent-frame windows: the VAE's (checked) temporal stride is Wan's
+    latent_windows = WanBackbone.latent_windows
 
     def expert_for(self, sigma: float):
         if self.boundary is None or sigma >= self.boundary:

@@ -122,16 +122,18 @@ def models(kind: str) -> dict:
     return inputs
 
 
-def edit(kind: str, inputs: dict, *, attention_tau: float = 0.5, order: str = "2 (midpoint, recommended)") -> dict:
+def edit(kind: str, inputs: dict, *, attention_tau: float = 0.5, order: str = "2 (midpoint, recommended)",
+         window_length: int = 0) -> dict:
     """The three native nodes and CaptureFeatures, as the example workflow wires them (and as ComfyUI
-    runs a prompt: in inference mode); the sampler's LATENT."""
+    runs a prompt: in inference mode); the sampler's LATENT. `window_length` 5 (overlap 4): two
+    windows of 2 latent frames over the 3."""
     import torch
 
     with torch.inference_mode():
-        return edit_nodes(kind, inputs, attention_tau=attention_tau, order=order)
+        return edit_nodes(kind, inputs, attention_tau=attention_tau, order=order, window_length=window_length)
 
 
-def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str) -> dict:
+def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str, window_length: int) -> dict:
     from anyv2v_core.tiny_models import moving_square_video
 
     wan, injection = pack("wan"), pack("injection")
@@ -140,7 +142,7 @@ def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str) -> 
     (backbone,) = wan.AnyV2VWanModel().build(inputs["model"], inputs["vae"], "all", "batched",
                                              model_low_noise=inputs.get("model_low_noise"))
     inversion, _ = wan.AnyV2VFlowInvertVideo().invert(backbone, source, SIZE, SIZE, "stretch", FRAMES, 16, STEPS, order,
-                                                      0, 8, empty_prompt=text(0), **vision)
+                                                      window_length, 4, empty_prompt=text(0), **vision)
     (features,) = injection.CaptureFeatures().plan(inversion, 0.0, 0.0, 0.0, 0, attention_tau=attention_tau)
     latent, _ = wan.AnyV2VWanSampler().sample(backbone, features, text(1), text(2), source[:1].flip(-1), 5.0, **vision)
     return latent
@@ -179,15 +181,15 @@ def standin_gpu(inputs: dict):
 # ---------------------------------------------------------------------------------------------- device placement
 
 
-def check_standin_run_equals_the_cpu_run(kind: str) -> None:
+def check_standin_run_equals_the_cpu_run(kind: str, **settings) -> None:
     import torch
 
     from anyv2v_core.device_standin import OnStandIn
 
-    cpu = edit(kind, models(kind))["samples"]
+    cpu = edit(kind, models(kind), **settings)["samples"]
     inputs = models(kind)
     with standin_gpu(inputs) as gpu:
-        device = edit(kind, inputs)["samples"]
+        device = edit(kind, inputs, **settings)["samples"]
         assert gpu.bytes_to_device > 0, "nothing ran on the stand-in device"
     assert not isinstance(device, OnStandIn) and device.device.type == "cpu", "the LATENT stayed on the device"
     torch.testing.assert_close(device, cpu, rtol=0, atol=1e-5)
@@ -197,6 +199,16 @@ def check_standin_run_equals_the_cpu_run(kind: str) -> None:
 @check
 def wan21_i2v_runs_on_the_device_with_the_cpu_latents():
     check_standin_run_equals_the_cpu_run("wan2.1-i2v")
+
+
+@check
+def wan21_i2v_in_windows_at_order_1_runs_on_the_device_with_the_cpu_latents():
+    from anyv2v_core.windows import ContextWindows
+
+    inputs = models("wan2.1-i2v")
+    (backbone,) = pack("wan").AnyV2VWanModel().build(inputs["model"], inputs["vae"], "all", "batched")
+    assert backbone.backbone.latent_windows(ContextWindows(5, 4)) == ContextWindows(2, 1)  # in latent frames
+    check_standin_run_equals_the_cpu_run("wan2.1-i2v", window_length=5, order="1 (euler)")
 
 
 @check
