@@ -212,12 +212,6 @@ def _patcher_class():
                 offloader.offload_component(name)
             return before - self.loaded_size()
 
-        def clone(self, *args, **kwargs):
-            from anyv2v_core.errors import AnyV2VError
-
-            raise AnyV2VError(f"{self.backbone.name} is AnyV2V's backbone, not a ComfyUI MODEL: it cannot be cloned or "
-                              "patched by MODEL nodes; load the model with ComfyUI's loaders for those")
-
         def detach(self, unpatch_all=True):
             if unpatch_all and self.loaded_size():
                 logger.info("ComfyUI unloads %s (%.1f MiB)", self.backbone.name, self.loaded_size() / 2**20)
