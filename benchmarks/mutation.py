@@ -52,6 +52,7 @@ EDITS = "tests/test_backbone_edits.py::"
 NODES = "tests/test_nodes.py::"
 WAN = "tests/test_wan.py::"
 PLACEMENT = "tests/test_device_placement.py::"
+NATIVE = "tests/test_comfyui_native.py::"
 
 SELECT_START = """                "start_frame": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
                                         "tooltip": "Index of the first frame to keep (0 = the first frame)."}),
@@ -195,9 +196,26 @@ MUTATIONS = [
              "                self.events[kind] += 1\n                return None",
              (WAN + "test_rows_one_at_a_time_give_the_batched_edit",)),
     Mutation("native-velocity-sign", "nodes/comfy_wan.py",
-             "return ((x - denoised) / sigma).to(\"cpu\", torch.float32)",
-             "return ((denoised - x) / sigma).to(\"cpu\", torch.float32)",
+             "return ((x - denoised) / sigma).to(torch.float32)",
+             "return ((denoised - x) / sigma).to(torch.float32)",
              ("tests/test_comfyui_wan.py::test_without_injection_the_edit_is_comfyuis_own_euler_sampler_and_follows_the_models_shift",)),
+    Mutation("native-velocity-on-the-host", "nodes/comfy_wan.py",
+             "return ((x - denoised) / sigma).to(torch.float32)",
+             "return ((x - denoised) / sigma).to(\"cpu\", torch.float32)",
+             (NATIVE + "test_native_check[wan21_i2v_runs_on_the_device_with_the_cpu_latents]",)),
+    Mutation("native-phase-sized-for-one-row", "nodes/comfy_wan.py",
+             "rows_at_once = 1 if self.one_row_at_a_time else rows", "rows_at_once = 1",
+             (NATIVE + "test_native_check[each_phase_loads_each_expert_for_its_rows_and_predicts_between_pre_run_and_"
+                       "cleanup]",)),
+    Mutation("native-expert-never-cleaned-up", "nodes/comfy_wan.py",
+             "            patcher.cleanup()", "            pass",
+             (NATIVE + "test_native_check[each_phase_loads_each_expert_for_its_rows_and_predicts_between_pre_run_and_"
+                       "cleanup]",
+              NATIVE + "test_native_check[a_run_an_error_and_a_cancel_leave_no_hook_or_patch_on_the_model]")),
+    Mutation("backbone-patcher-ignores-shrink", "nodes/host.py",
+             "            if extra_memory < 0:\n                return -self.partially_unload(self.offload_device, "
+             "-extra_memory)\n", "",
+             (NATIVE + "test_native_check[backbone_patcher_follows_newer_comfyuis_calls]",)),
     # ------------------------------------------------------------------ windows.py
     Mutation("windows-not-normalised", "anyv2v_core/windows.py",
              "return blended / total[None, None, :, None, None]", "return blended",

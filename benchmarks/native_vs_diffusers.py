@@ -15,12 +15,14 @@ the first run's inversion starts, sampled every 2 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +112,10 @@ def run_one(path: str, row_mode: str, comfyui: str, steps: int, frames: int, siz
         spec.loader.exec_module(sys.modules["anyv2v"])
         comfy_wan = importlib.import_module("anyv2v.nodes.comfy_wan")
         patcher = comfy.sd.load_diffusion_model_state_dict(original_wan_state_dict(transformer))
-        backbone = comfy_wan.native_wan_backbone(patcher, vae=None)  # the loops need no VAE: see encode_video below
+        # the loops need no VAE (see encode_video below): an object with the Wan 2.1 VAE's factors
+        wan21_vae = types.SimpleNamespace(latent_channels=16, spacial_compression_encode=lambda: 8,
+                                          temporal_compression_decode=lambda: 4)
+        backbone = comfy_wan.native_wan_backbone(patcher, vae=wan21_vae)
         rows = [comfy_wan.ComfyWanRow(c_crossattn=text, c_concat=image, clip_fea=clip) for text, image, clip in conditioning]
         network = patcher.model.diffusion_model
     backbone.one_row_at_a_time = row_mode == "one at a time"
@@ -125,14 +130,23 @@ def run_one(path: str, row_mode: str, comfyui: str, steps: int, frames: int, siz
         calls.clear()
         with torch.inference_mode(), PeakResident() as memory:
             started = time.perf_counter()
-            inversion = invert_video(backbone, source, inversion_steps=steps, sampling_steps=steps, source_row=rows[0])
+            with phase(backbone, rows=1, frames=frames, size=size):
+                inversion = invert_video(backbone, source, inversion_steps=steps, sampling_steps=steps,
+                                         source_row=rows[0])
             inverted = time.perf_counter()
-            sample_edit(backbone, inversion, source[:1], prompt="", negative_prompt="", cfg=5.0,
-                        injection=InjectionSettings(attention_tau=0.5), edit_rows=(rows[1], rows[2]))
+            with phase(backbone, rows=3, frames=frames, size=size):
+                sample_edit(backbone, inversion, source[:1], prompt="", negative_prompt="", cfg=5.0,
+                            injection=InjectionSettings(attention_tau=0.5), edit_rows=(rows[1], rows[2]))
             times.append((inverted - started, time.perf_counter() - inverted))
         rises.append(memory.rise_mib)
     return {"inversion_s": min(t[0] for t in times), "sampling_s": min(t[1] for t in times), "calls": len(calls),
             "peak_rise_mib": rises[0]}  # the first run's: later runs reuse the memory the first one freed
+
+
+def phase(backbone, *, rows: int, frames: int, size: int):
+    """The native backbone's node phase (ComfyUI's sampler protocol: load, pre_run, cleanup); none for diffusers'."""
+    running = getattr(backbone, "running", None)
+    return running(rows=rows, frames=frames, size_wh=(size, size)) if running else contextlib.nullcontext()
 
 
 def main() -> None:

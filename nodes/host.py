@@ -194,12 +194,16 @@ def _patcher_class():
         def current_loaded_device(self):
             return self.load_device if self.loaded_size() else self.offload_device
 
-        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        # Newer ComfyUI passes a negative extra_memory to shrink a loaded model, and adds keyword
+        # arguments to these two (force_patch_weights on partially_unload): both are taken.
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False, **kwargs):
+            if extra_memory < 0:
+                return -self.partially_unload(self.offload_device, -extra_memory)
             before = self.loaded_size()
             self.backbone.offloader.load_steady()
             return self.loaded_size() - before
 
-        def partially_unload(self, device_to, memory_to_free=0):
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False, **kwargs):
             before = self.loaded_size()
             offloader = self.backbone.offloader
             for name in sorted(offloader.weights, key=lambda n: offloader.weights[n].bytes_on(offloader.device)):
@@ -237,11 +241,13 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
     from anyv2v_core.memory import (
         FRAGMENTATION, activation_bytes, auto_policy, available_memory, execution_device, guard_out_of_memory)
 
-    backbone, device = handle.backbone, execution_device(compute_device())
-    if handle.offload == "comfyui":  # a ComfyUI MODEL: its own model management places it at every call
-        yield backbone
-        return
+    backbone = handle.backbone
     frames, size_wh = frames or backbone.defaults.num_frames, size_wh or backbone.defaults.size_wh
+    if handle.offload == "comfyui":  # a ComfyUI MODEL: loaded by ComfyUI's sampler protocol, per phase and expert
+        with backbone.running(rows=rows, frames=frames, size_wh=size_wh):
+            yield backbone
+        return
+    device = execution_device(compute_device())
     policy = handle.offload
     if policy == "auto":  # no device memory to fit (the CPU): nothing to choose
         total = total_device_memory(device)

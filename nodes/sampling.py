@@ -8,12 +8,9 @@ from .loaders import BACKBONE
 
 
 SAMPLERS = ("auto", "ddim", "ddpm")
-
-
-def negative_prompt_default() -> str:
-    from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT
-
-    return NEGATIVE_PROMPT
+# The widgets' defaults: the backbone's reference settings (BackboneDefaults), whichever model is connected
+MODEL_NEGATIVE_PROMPT = "(the model's default)"
+MODEL_CFG = 0.0
 
 
 class InjectedSampler:
@@ -42,10 +39,13 @@ class InjectedSampler:
                                "policy as the source frames."}),
                 "prompt": ("STRING", {"default": "", "multiline": True,
                                       "tooltip": "Describes the edited video (e.g. 'a car driving, in Van Gogh style')."}),
-                "negative_prompt": ("STRING", {"default": negative_prompt_default(), "multiline": True,
-                                               "tooltip": "What to avoid; the default is the paper's."}),
-                "cfg": ("FLOAT", {"default": 9.0, "min": 0.1, "max": 30.0, "step": 0.1,
-                                  "tooltip": "Classifier-free guidance scale (the paper: 9.0 for I2VGen-XL)."}),
+                "negative_prompt": ("STRING", {
+                    "default": MODEL_NEGATIVE_PROMPT, "multiline": True,
+                    "tooltip": f"What to avoid. {MODEL_NEGATIVE_PROMPT}: the connected model's reference negative "
+                               "prompt (I2VGen-XL, ConsistI2V, SEINE: the AnyV2V paper's; Wan: none)."}),
+                "cfg": ("FLOAT", {"default": MODEL_CFG, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale; 0: the connected model's reference scale "
+                                             "(I2VGen-XL 9.0 as in the paper, Wan 2.1 5.0, Wan 2.2 A14B 3.5, TI2V 5.0)."}),
                 "decode_chunk_size": ("INT", {"default": 1, "min": 1, "max": 128,
                                               "tooltip": "Frames the VAE decodes at once: 1 needs the least memory, "
                                                          "more can be faster on a large GPU."}),
@@ -65,6 +65,9 @@ class InjectedSampler:
         from anyv2v_core.sampling import sample_edit
         from anyv2v_core.video import prepare_first_frame
 
+        defaults = backbone.backbone.defaults
+        cfg = defaults.cfg if cfg == MODEL_CFG else cfg
+        negative_prompt = defaults.negative_prompt if negative_prompt == MODEL_NEGATIVE_PROMPT else negative_prompt
         inversion = features.source.inversion
         first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
                                           source_wh=features.source.source_wh)

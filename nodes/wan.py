@@ -165,7 +165,7 @@ class AnyV2VFlowInvertVideo:
         if backbone.offload == COMFYUI_MANAGED:
             if empty_prompt is None:
                 raise AnyV2VError("empty_prompt: connect CLIPTextEncode of an empty text (the source branch's prompt)")
-            (source_row,) = model.rows_for(frames[:1], [empty_prompt], num_frames=frame_count,
+            (source_row,) = model.rows_for(frames[:1], empty_prompt, num_frames=frame_count,
                                            clip_vision_output=clip_vision_output)
         with host.on_compute_device(backbone, frames=host.frames_per_call(model, frame_count, windows),
                                     size_wh=(width, height), rows=1) as running:
@@ -225,10 +225,10 @@ class AnyV2VWanSampler:
         model, inversion = backbone.backbone, features.source.inversion
         first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
                                           source_wh=features.source.source_wh)
-        rows = model.rows_for(first_frame, [negative, positive], num_frames=inversion.num_frames,
+        rows = model.rows_for(first_frame, positive, negative, num_frames=inversion.num_frames,
                               clip_vision_output=clip_vision_output)
-        with host.on_compute_device(backbone, frames=inversion.num_frames, size_wh=inversion.size_wh,
-                                    rows=3) as running:
+        with host.on_compute_device(backbone, frames=host.frames_per_call(model, inversion.num_frames, inversion.windows),
+                                    size_wh=inversion.size_wh, rows=3) as running:
             latents = sample_edit(running, inversion, first_frame, prompt="", negative_prompt="",
                                   injection=features.injection_for(running), cfg=cfg, start_index=features.start_index,
                                   edit_rows=tuple(rows),

@@ -196,10 +196,11 @@ def test_without_injection_the_edit_is_comfyuis_own_euler_sampler_and_follows_th
         reference = saved_latents(wan_server, seen, f"comfyui_{shift}")
         assert ours.shape == reference.shape == (1, 16, 3, SIZE // 8, SIZE // 8)
         difference = float((ours - reference).abs().max())
-        print(f"shift {shift}: max |AnyV2V without injection - SamplerCustomAdvanced euler| = {difference:.2e}")
-        # the same Euler steps in another order of float32 operations (velocity from the denoised estimate,
-        # then the move): 1.01e-5 at shift 8 on an AMD EPYC, so 3e-5
-        assert difference <= 3e-5, shift
+        print(f"shift {shift}: max |AnyV2V without injection - SamplerCustomAdvanced euler| = {difference:.2e} "
+              f"(latents up to {float(reference.abs().max()):.2f})")
+        # float32 rounding of the same steps done by two loops (1.0e-5 at shift 8 on latents up to 3.2):
+        # 1e-5 relative, far below what a wrong step changes
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5, msg=f"shift {shift}")
         assert ours.abs().mean() > 0.01
         inverted[shift] = ours
     assert not torch.allclose(inverted[3.0], inverted[8.0])

@@ -384,6 +384,31 @@ def test_model_offload_policy_gives_the_same_frames(pack, nodes, graph, host, ti
     assert offloaded.backbone.offloader.policy == "none", "the policy's hooks are removed after the node"
 
 
+def test_injected_sampler_defaults_are_the_connected_models_settings(pack, nodes, tmp_path, monkeypatch):
+    """The cfg and negative prompt widgets' defaults mean the backbone's reference settings: on a Wan
+    backbone, Wan's (cfg 5, no negative prompt), not I2VGen-XL's (9, the paper's negative prompt)."""
+    from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT
+    from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video
+
+    host = sys.modules["anyv2v_pack.nodes.host"]
+    build_tiny_wan(tmp_path / "tiny-wan", "wan2.1-i2v")
+    monkeypatch.setattr(host, "diffusers_roots", lambda: [str(tmp_path)])
+    (backbone,) = nodes["LoadI2VBackbone"].load("tiny-wan", "fp32", "offload after each node")
+    source = moving_square_video(5, 32)
+    inversion, _ = nodes["AnyV2VFlowInvertVideo"].invert(backbone, source, 32, 32, "stretch", 5, 16, 2, "1 (euler)", 0, 8)
+    (features,) = nodes["CaptureFeatures"].plan(inversion, 0.0, 0.0, 0.0, 0, attention_tau=0.5)
+    widgets = pack.NODE_CLASS_MAPPINGS["InjectedSampler"].INPUT_TYPES()["required"]
+
+    def sampled(negative_prompt: str, cfg: float) -> torch.Tensor:
+        frames, _ = nodes["InjectedSampler"].sample(backbone, features, source[:1].flip(-1), PROMPT, negative_prompt,
+                                                    cfg, 1, "auto", 0)
+        return frames
+
+    by_default = sampled(widgets["negative_prompt"][1]["default"], widgets["cfg"][1]["default"])
+    assert torch.equal(by_default, sampled("", 5.0))
+    assert not torch.allclose(by_default, sampled(NEGATIVE_PROMPT, 9.0), atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 
