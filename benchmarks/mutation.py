@@ -212,6 +212,9 @@ MUTATIONS = [
              (NATIVE + "test_native_check[each_phase_loads_each_expert_for_its_rows_and_predicts_between_pre_run_and_"
                        "cleanup]",
               NATIVE + "test_native_check[a_run_an_error_and_a_cancel_leave_no_hook_or_patch_on_the_model]")),
+    Mutation("auto-budget-ignores-what-comfyui-can-unload", "nodes/host.py",
+             "model_management.get_free_memory(device), unloadable,", "model_management.get_free_memory(device), 0,",
+             (NATIVE + "test_native_check[auto_memory_counts_what_comfyui_can_unload_and_keeps_its_reserve]",)),
     Mutation("backbone-patcher-ignores-shrink", "nodes/host.py",
              "            if extra_memory < 0:\n                return -self.partially_unload(self.offload_device, "
              "-extra_memory)\n", "",

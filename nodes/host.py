@@ -147,14 +147,19 @@ def release_cached_memory() -> None:
         model_management.soft_empty_cache()
 
 
-def total_device_memory(device) -> int:
-    """The device's memory in bytes as ComfyUI counts it (--reserve-vram aside); 0 for the CPU."""
-    from anyv2v_core.memory import device_memory
+def available_device_memory(device) -> int:
+    """Accelerator bytes an edit may count on. Under ComfyUI: what is free now, plus what its loaded
+    models hold on the device (it unloads them on demand), minus the memory it keeps for inference
+    (--reserve-vram included); without it, the driver's free memory less the engine's reserve."""
+    from anyv2v_core.memory import available_memory, device_free_memory
 
     model_management = _model_management()
-    if model_management is None or device.type == "cpu":
-        return device_memory(device)
-    return model_management.get_total_memory(device)
+    if model_management is None:
+        return available_memory(device_free_memory(device))
+    unloadable = sum(loaded.model_loaded_memory() for loaded in model_management.current_loaded_models
+                     if loaded.device == device)
+    return available_memory(model_management.get_free_memory(device), unloadable,
+                            model_management.minimum_inference_memory())
 
 
 def backbone_patcher(handle):
@@ -239,7 +244,7 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
     back to the offload device unless the mode keeps it loaded (then ComfyUI may evict it later).
     """
     from anyv2v_core.memory import (
-        FRAGMENTATION, activation_bytes, auto_policy, available_memory, execution_device, guard_out_of_memory)
+        FRAGMENTATION, activation_bytes, auto_policy, execution_device, guard_out_of_memory)
 
     backbone = handle.backbone
     frames, size_wh = frames or backbone.defaults.num_frames, size_wh or backbone.defaults.size_wh
@@ -250,9 +255,9 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
     device = execution_device(compute_device())
     policy = handle.offload
     if policy == "auto":  # no device memory to fit (the CPU): nothing to choose
-        total = total_device_memory(device)
-        policy = "none" if not total else auto_policy(backbone, available_memory(total), frames=frames,
-                                                      size_wh=size_wh, rows=rows, decode_chunk_size=decode_chunk_size)
+        available = available_device_memory(device)
+        policy = "none" if device.type == "cpu" else auto_policy(
+            backbone, available, frames=frames, size_wh=size_wh, rows=rows, decode_chunk_size=decode_chunk_size)
     if (backbone.offloader.policy, backbone.offloader.device) != (policy, device):  # else: already set up, nothing moves
         logger.info("running %s on %s (offload: %s)", backbone.name, device, policy)
         backbone.set_offload(policy, device)

@@ -458,6 +458,22 @@ def the_leftover_check_catches_a_planted_hook_left_behind():
         torch.utils.hooks.RemovableHandle.remove = remove
 
 
+@check
+def auto_memory_counts_what_comfyui_can_unload_and_keeps_its_reserve():
+    """The budget of the memory mode "auto" under ComfyUI: free memory, plus what loaded models hold
+    on the device (ComfyUI unloads them on demand), minus ComfyUI's inference reserve."""
+    import comfy.model_management as model_management
+
+    inputs = models("wan2.1-i2v")
+    with standin_gpu(inputs) as gpu:
+        nothing_loaded = pack("host").available_device_memory(gpu.device)
+        assert nothing_loaded == 64 * 2**30 - int(model_management.minimum_inference_memory()), nothing_loaded
+        model_management.load_models_gpu([inputs["model"]])
+        assert inputs["model"].loaded_size() > 0
+        with_model = pack("host").available_device_memory(gpu.device)
+        assert with_model == nothing_loaded + inputs["model"].loaded_size(), (with_model, nothing_loaded)
+
+
 # ---------------------------------------------------------------------------------------------- BackbonePatcher
 
 
