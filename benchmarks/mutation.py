@@ -12,7 +12,9 @@ the file is restored. The run first checks that every listed test passes on the 
 
     OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (~25 min on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --only tau-rounded v-instead-of-k
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py --module anyv2v_core/batch/ nodes/comfy_wan.py
     python benchmarks/mutation.py --list
+    python benchmarks/mutation.py --smoke    # only checks that every snippet matches once (tests/test_benchmarks.py)
 
 The real-ComfyUI mutation runs where COMFYUI_PYTHON is set (with COMFYUI_DIR, as `.ci/run` sets
 them); elsewhere it is listed as not run.
@@ -75,7 +77,7 @@ MUTATIONS = [
              (SAMPLING + "test_injection_overwrites_exactly_the_convs_and_the_attention_queries_and_keys",
               ENGINE + "test_each_kind_is_injected_exactly_in_its_window")),
     Mutation("negative-row-keeps-image-embedding", "anyv2v_core/backbones/i2vgen_xl.py",
-             "image_embeddings = torch.zeros_like(image_embeddings)", "image_embeddings = image_embeddings.clone()",
+             "        if unconditional:  # the negative row's image embedding is zero", "        if False:  # the negative row's image embedding is zero",
              (SAMPLING + "test_the_negative_row_has_no_image_embedding",)),
     Mutation("inversion-evaluates-current-timestep", "anyv2v_core/diffusion_schedule.py",
              "model_output = evaluate(latents, t, t_now)", "model_output = evaluate(latents, t_now, t_now)",
@@ -86,8 +88,8 @@ MUTATIONS = [
              "start_level(backbone, inversion.inversion_steps, steps, 0, inversion.order)",
              (SAMPLING + "test_sampling_starts_from_the_inverted_latent_at_the_start_timestep",)),
     Mutation("image-embedding-keeps-float32", "anyv2v_core/backbones/i2vgen_xl.py",
-             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device, dtype)",
-             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device)",
+             "image_embeddings = on_device([row.image_embeddings for row in rows], dtype)",
+             "image_embeddings = on_device([row.image_embeddings for row in rows], torch.float32)",
              (EDITS + "test_half_precision_edit_is_finite_and_close_to_float32",)),
     Mutation("decode-chunk-drops-frames", "anyv2v_core/backbones/vae_frames.py",
              "chunk = frames_latents[start : start + chunk_size]", "chunk = frames_latents[start : start + 1]",
@@ -236,19 +238,39 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
     return result.returncode, time.monotonic() - started, failed[0] if failed else lines[-1]
 
 
+def stale_mutations(root: Path, mutations: list[Mutation]) -> list[tuple[Mutation, int]]:
+    """(mutation, occurrences) for each mutation whose snippet is not exactly once in its file under `root`."""
+    counts = [(m, (root / m.path).read_text().count(m.old) if (root / m.path).is_file() else 0) for m in mutations]
+    return [(m, count) for m, count in counts if count != 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    parser.add_argument("--module", nargs="+", metavar="PATH",
+                        help="run the mutations of these files only (a folder ending in / takes the files under it)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check that every snippet matches its file exactly once, run no mutation (seconds)")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    chosen = [m for m in MUTATIONS if (not args.only or m.name in args.only)
+              and (not args.module or any(m.path == path or (path.endswith("/") and m.path.startswith(path))
+                                          for path in args.module))]
     unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
     if unknown:
         parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    if not chosen:
+        parser.error("no mutation matches --only / --module")
     if args.list:
         for mutation in chosen:
             print(f"{mutation.name:40} {mutation.path}")
         return 0
+    if args.smoke:
+        stale = stale_mutations(REPO, chosen)
+        for mutation, count in stale:
+            print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        print(f"{len(chosen)} mutation snippets checked, {len(stale)} stale")
+        return 1 if stale else 0
     if not os.environ.get("COMFYUI_PYTHON"):
         for mutation in [m for m in chosen if any("test_comfyui_" in test for test in m.tests)]:
             print(f"not run   {mutation.name}: its test starts a real ComfyUI (set COMFYUI_PYTHON and COMFYUI_DIR)")
@@ -257,12 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="anyv2v-mutation-") as scratch:
         copy = scratch_copy(Path(scratch))
-        stale = []
-        for mutation in chosen:
-            count = (copy / mutation.path).read_text().count(mutation.old)
-            if count != 1:
-                stale.append(mutation)
-                print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        stale = stale_mutations(copy, chosen)
+        for mutation, count in stale:
+            print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        stale = [mutation for mutation, _ in stale]
         runnable = [m for m in chosen if m not in stale]
         baseline = tuple(dict.fromkeys(test for m in runnable for test in m.tests))
         code, seconds, tail = run_tests(copy, baseline)

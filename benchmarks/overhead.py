@@ -194,7 +194,7 @@ def run_edit(backbone, frames, first_frame, settings: pipeline.EditSettings, now
 def replay(backbone, calls: list[UNetCall], now: Callable[[], float], *, with_injection: bool) -> float:
     """Time of the recorded calls through the UNet alone; with the injection hooks set as they
     were when `with_injection` (calls made without hooks replay without them)."""
-    plan = InjectionPlan.build([], InjectionSettings(), backbone.injection_layers)  # hooks only
+    plan = InjectionPlan.build(0, InjectionSettings(), backbone.injection_layers)  # hooks only, never active
     with injected(backbone.unet, plan) if with_injection else nullcontext() as injector:
         start = now()
         for call in calls:
