@@ -135,6 +135,9 @@ def run_one(path: str, row_mode: str, comfyui: str, steps: int, frames: int, siz
             "peak_rise_mib": rises[0]}  # the first run's: later runs reuse the memory the first one freed
 
 
+SMOKE = ["--steps", "1", "--frames", "5", "--size", "32", "--repeats", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path, default=REPO.parent / "shared" / "comfyui")
@@ -143,7 +146,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is reported")
     parser.add_argument("--one", nargs=2, metavar=("PATH", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     if args.one:
         print(json.dumps(run_one(*args.one, str(args.comfyui.resolve()), args.steps, args.frames, args.size,
                                  args.repeats)))
