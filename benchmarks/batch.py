@@ -130,7 +130,7 @@ def i2vgenxl_default_inversion() -> Inversion:
                      inversion_steps=500, sampling_steps=50)
 
 
-SMOKE = ["--videos", "1", "--edits", "2", "--frames", "4", "--inversion-steps", "2", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+SMOKE = ["--videos", "1", "--edits", "3", "--frames", "4", "--inversion-steps", "2", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ the file is restored. The run first checks that every listed test passes on the 
     STALE     the old snippet is not (or not exactly once) in its file: the code moved on; update
               the list. Any STALE, error, baseline failure or undocumented survivor fails the run.
 
-    OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (~25 min on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (over an hour on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --only tau-rounded v-instead-of-k
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --module anyv2v_core/batch/ nodes/comfy_wan.py
     python benchmarks/mutation.py --list
@@ -276,8 +276,8 @@ MUTATIONS = [
              "    def model_time(self, sigma: float) -> float:\n        return sigma * self.num_train_timesteps",
              (NATIVE + "test_the_diffusion_model_runs_at_comfyuis_sigmas_in_its_own_time_units",)),
     # ------------------------------------------------------------------ modules that had no mutation before issue 21
-    Mutation("inversion-file-tuples-as-lists", "anyv2v_core/inversion_store.py",
-             'return tuple(items) if kind == "tuple" else items', "return items",
+    Mutation("inversion-file-casts-to-float32", "anyv2v_core/inversion_store.py",
+             'tensors[name] = value.detach().to("cpu").clone(', 'tensors[name] = value.detach().to("cpu", torch.float32).clone(',
              ("tests/test_inversion_store.py::test_keys_and_fields_come_back_with_their_types",)),
     Mutation("wan-options-on-a-unet-accepted", "anyv2v_core/loading.py",
              "if name not in WAN_BACKBONES and set(options) & WAN_OPTIONS:", "if False and set(options) & WAN_OPTIONS:",

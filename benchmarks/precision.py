@@ -94,7 +94,7 @@ def psnr(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-SMOKE = ["--backbones", "toy", "--inversion-steps", "2", "--steps", "2"]  # --smoke: tiny sizes, checks that this script runs
+SMOKE = ["--backbones", "toy", "--inversion-steps", "1", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:

@@ -176,8 +176,8 @@ def print_scores(title: str, scores: dict[str, list[dict]]) -> None:
         print(f"| {name} | {means[0]:.2f} | {means[1]:.2f} | {means[2]:.3f} | {means[3]:.4f} | {means[4]:.2f} |")
 
 
-SMOKE = ["--clips", "1", "--inversion-clips", "1", "--inversion-steps", "50", "--start-indices", "0",
-         "--cfgs", "1.0", "--attention-clips", "1"]  # --smoke: tiny sizes, checks that this script runs
+SMOKE = ["--clips", "0", "--inversion-clips", "1", "--inversion-steps", "50", "--start-indices", "0",
+         "--attention-clips", "0"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:

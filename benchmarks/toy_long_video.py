@@ -32,8 +32,8 @@ from anyv2v_core.windows import ContextWindows  # noqa: E402
 LONG_CLIP_SEEDS = HELD_OUT_SEED + 700_000  # held out from training, the evaluation and the demo
 
 
-SMOKE = ["--frames", "8", "--clips", "1", "--window", "4", "--overlap", "1", "--inversion-steps", "2",
-         "--steps", "2"]  # --smoke: tiny sizes, checks that this script runs
+SMOKE = ["--frames", "6", "--clips", "1", "--window", "4", "--overlap", "2", "--inversion-steps", "1",
+         "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:
