@@ -130,6 +130,9 @@ def i2vgenxl_default_inversion() -> Inversion:
                      inversion_steps=500, sampling_steps=50)
 
 
+SMOKE = ["--videos", "1", "--edits", "3", "--frames", "4", "--inversion-steps", "2", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=4)
@@ -138,7 +141,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--inversion-steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     import ray
 
     torch.set_num_threads(1)

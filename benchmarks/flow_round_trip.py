@@ -39,6 +39,9 @@ def round_trip_error(backbone, frames: torch.Tensor, steps: int, order: int) -> 
     return float((latents - clean).norm() / clean.norm())
 
 
+SMOKE = ["--steps", "1", "2", "--frames", "5"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a Wan diffusers folder (default: the tiny test model)")
@@ -46,7 +49,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or build_tiny_wan(Path(scratch) / "tiny-wan", "wan2.1-i2v")

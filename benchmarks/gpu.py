@@ -175,6 +175,10 @@ def free_memory(meter: Meter) -> None:
         torch.cuda.empty_cache()
 
 
+SMOKE = ["--device", "cpu", "--tiny", "--inversion-steps", "2", "--steps", "1", "--frames", "4", "--window", "0",
+         "--offload", "none"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="i2vgen-xl")
@@ -199,7 +203,10 @@ def main() -> None:
                         help="cuda (default), cuda:N, or cpu / standin (the stand-in GPU) with --tiny to check the script")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on a GPU, fp32 on the CPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny config of the same architecture (CPU check)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     with contextlib.ExitStack() as stack:
         run(args, stack)
 

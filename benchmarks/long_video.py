@@ -51,6 +51,9 @@ def run_one(model: str, num_frames: int, window: int | None, overlap: int, steps
             "peak_mib": peak / 1024, "growth_mib": (peak - baseline) / 1024}
 
 
+SMOKE = ["--frames", "4", "--window", "3", "--overlap", "1", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -59,7 +62,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="inversion and sampling steps (memory needs few)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     if args.child:
         print(json.dumps(run_one(**json.loads(args.child))))
         return
@@ -78,8 +84,7 @@ def main() -> None:
                 result = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)],
                                         capture_output=True, text=True)
                 if result.returncode:
-                    print(f"| {num_frames} | {window} | failed: {result.stderr.strip().splitlines()[-1]} |")
-                    continue
+                    sys.exit(f"{num_frames} frames, window {window} failed:\n{result.stderr[-3000:]}")
                 row = json.loads(result.stdout.strip().splitlines()[-1])
                 mode = "all frames" if window is None else f"windows {window}/{args.overlap}"
                 print(f"| {num_frames} | {mode} | {row['peak_mib']:.0f} | {row['growth_mib']:.0f} | "

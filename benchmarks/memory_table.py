@@ -231,13 +231,19 @@ def gib(value: int) -> float:
     return value / GIB
 
 
+SMOKE = ["--backbones", "seine"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=Path, default=CONFIGS, help="the published configs (model-configs/)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--backbones", nargs="+", choices=tuple(BACKBONES), default=list(BACKBONES))
     parser.add_argument("--wan", action="store_true", help="only Wan's coefficients (wan_profile), in --dtype")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(1)
     if args.wan:

@@ -69,11 +69,19 @@ def run_one(kind: str, order: int | None, steps: int | None) -> dict:
                 "order": result.inversion.order}
 
 
+SMOKE = ["--kinds", "wan2.2-ti2v", "--steps", "2"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=["wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v", "i2vgen-xl"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="inversion and sampling steps of every edit and generation (default: the models' own)")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "ORDER", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     if args.one:
         kind, order, steps = args.one
         print(json.dumps(run_one(kind, None if order == "default" else int(order),
@@ -83,9 +91,10 @@ def main() -> None:
           "| edit s | peak RSS growth MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for kind in args.kinds:
-        configs = [("default", "default")]
+        steps = str(args.steps) if args.steps else "default"
+        configs = [("default", steps)]
         if kind != "i2vgen-xl":
-            configs += [("1", "default"), ("1", str(GENERATION_STEPS[kind]))]
+            configs += [("1", steps), ("1", str(args.steps or GENERATION_STEPS[kind]))]
         for order, steps in configs:
             output = subprocess.run([sys.executable, __file__, "--one", kind, order, steps], capture_output=True,
                                     text=True, check=True, cwd=REPO).stdout

@@ -10,9 +10,11 @@ the file is restored. The run first checks that every listed test passes on the 
     STALE     the old snippet is not (or not exactly once) in its file: the code moved on; update
               the list. Any STALE, error, baseline failure or undocumented survivor fails the run.
 
-    OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (~25 min on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py                # every mutation (over an hour on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/mutation.py --only tau-rounded v-instead-of-k
+    OMP_NUM_THREADS=1 python benchmarks/mutation.py --module anyv2v_core/batch/ nodes/comfy_wan.py
     python benchmarks/mutation.py --list
+    python benchmarks/mutation.py --smoke    # only checks that every snippet matches once (tests/test_benchmarks.py)
 
 The real-ComfyUI mutations (a real server; for the saved-workflow one also its frontend in Chromium) run
 where COMFYUI_PYTHON is set (with COMFYUI_DIR, as `.ci/run` sets them); elsewhere they are listed as not run.
@@ -60,6 +62,9 @@ SELECT_START = """                "start_frame": ("INT", {"default": 0, "min": 0
 SELECT_EVERY = """                "every_nth": ("INT", {"default": 1, "min": 1, "max": 1000,
                                       "tooltip": "Keep one frame out of every n (1 keeps them all)."}),
 """
+PROMISES = "tests/test_promises.py::"
+BATCH = "tests/test_batch_promises.py::"
+NATIVE_PROMISES = "tests/test_comfyui_wan_native.py::"
 
 MUTATIONS = [
     # ------------------------------------------------------------------ the bugs of issue 13's table
@@ -86,7 +91,7 @@ MUTATIONS = [
              (SAMPLING + "test_injection_overwrites_exactly_the_convs_and_the_attention_queries_and_keys",
               ENGINE + "test_each_kind_is_injected_exactly_in_its_window")),
     Mutation("negative-row-keeps-image-embedding", "anyv2v_core/backbones/i2vgen_xl.py",
-             "image_embeddings = torch.zeros_like(image_embeddings)", "image_embeddings = image_embeddings.clone()",
+             "        if unconditional:  # the negative row's image embedding is zero", "        if False:  # the negative row's image embedding is zero",
              (SAMPLING + "test_the_negative_row_has_no_image_embedding",)),
     Mutation("inversion-evaluates-current-timestep", "anyv2v_core/diffusion_schedule.py",
              "model_output = evaluate(latents, t, t_now)", "model_output = evaluate(latents, t_now, t_now)",
@@ -97,8 +102,8 @@ MUTATIONS = [
              "start_level(backbone, inversion.inversion_steps, steps, 0, inversion.order)",
              (SAMPLING + "test_sampling_starts_from_the_inverted_latent_at_the_start_timestep",)),
     Mutation("image-embedding-keeps-float32", "anyv2v_core/backbones/i2vgen_xl.py",
-             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device, dtype)",
-             "image_embeddings = torch.cat([row.image_embeddings for row in rows]).to(device)",
+             "image_embeddings = on_device([row.image_embeddings for row in rows], dtype)",
+             "image_embeddings = on_device([row.image_embeddings for row in rows], torch.float32)",
              (EDITS + "test_half_precision_edit_is_finite_and_close_to_float32",)),
     Mutation("decode-chunk-drops-frames", "anyv2v_core/backbones/vae_frames.py",
              "chunk = frames_latents[start : start + chunk_size]", "chunk = frames_latents[start : start + 1]",
@@ -264,6 +269,120 @@ MUTATIONS = [
     Mutation("inputs-reordered-without-migration", "nodes/video.py", SELECT_START + SELECT_EVERY,
              SELECT_EVERY + SELECT_START,
              (FRONTEND + "test_workflow_opens_in_the_frontend_as_saved_and_runs_from_the_run_button",)),
+    # ------------------------------------------------------------------ issue 21: the promises an audit found unpinned
+    Mutation("finer-inversion-grid-uneven", "anyv2v_core/flow_schedule.py",
+             "between(low, high, Fraction(j, per_step)) if j else low",
+             "between(low, high, Fraction(j, per_step + 1)) if j else low",
+             (PROMISES + "test_a_finer_inversion_grid_evaluates_rising_sigmas_evenly_spaced_in_every_sampling_interval",)),
+    Mutation("finer-inversion-grid-out-of-order", "anyv2v_core/flow_schedule.py",
+             "for low, high in zip(coarse, coarse[1:]) for j in range(per_step)]",
+             "for low, high in zip(coarse, coarse[1:]) for j in reversed(range(per_step))]",
+             (PROMISES + "test_a_finer_inversion_grid_evaluates_rising_sigmas_evenly_spaced_in_every_sampling_interval",)),
+    Mutation("loader-shift-ignored", "anyv2v_core/backbones/wan.py",
+             "FlowMatchingSchedule(shift=defaults.shift if shift is None else shift)",
+             "FlowMatchingSchedule(shift=defaults.shift)",
+             (PROMISES + "test_the_loaders_shift_reaches_the_sigmas_the_transformer_receives",)),
+    Mutation("cli-shift-dropped", "anyv2v_core/cli.py",
+             '(("shift", args.shift), ("attention_blocks", args.attention_blocks))',
+             '(("shift", None), ("attention_blocks", args.attention_blocks))',
+             (PROMISES + "test_the_cli_shift_reaches_the_sigmas_the_transformer_receives",
+              PROMISES + "test_a_batch_jobs_shift_reaches_the_sigmas_the_transformer_receives")),
+    Mutation("one-row-source-outputs-kept", "anyv2v_core/injection.py",
+             "                injector.row = None\n                injector.source_outputs.clear()",
+             "                injector.row = None",
+             (PROMISES + "test_rows_one_at_a_time_hold_one_blocks_source_query_and_key_at_most_and_none_after_it",)),
+    Mutation("encoders-stay-beside-the-transformer", "anyv2v_core/memory.py",
+             "return other in ENCODERS and entering in DENOISERS",
+             'return other in ENCODERS and entering == "unet"',
+             (PROMISES + "test_policy_none_moves_the_encoders_off_the_device_before_the_wan_transformer_runs",)),
+    Mutation("overflow-decode-converts-the-vae", "anyv2v_core/backbones/vae_frames.py",
+             "vae_float32 = float32_copy(vae)", "vae_float32 = vae.to(torch.float32)",
+             (PROMISES + "test_a_half_precision_decode_redone_in_float32_leaves_the_vae_as_it_was",)),
+    Mutation("select-frames-count-from-zero", "nodes/video.py",
+             "min(total, start_frame + frame_count * every_nth)", "min(total, frame_count * every_nth)",
+             (PROMISES + "test_select_frames_from_a_later_start_keeps_every_nth_up_to_the_count_at_the_matching_fps",)),
+    Mutation("prepare-frames-zero-means-all", "anyv2v_core/video.py",
+             "    if num_frames is not None:\n        if num_frames < min_frames:",
+             "    if num_frames:\n        if num_frames < min_frames:",
+             (PROMISES + "test_a_frame_count_of_zero_is_refused_at_every_entry_never_read_as_all_frames",)),
+    Mutation("edit-settings-zero-frames-means-all", "anyv2v_core/pipeline.py",
+             '"frame count": self.num_frames}', '"frame count": self.num_frames or None}',
+             (PROMISES + "test_a_frame_count_of_zero_is_refused_at_every_entry_never_read_as_all_frames",)),
+    Mutation("failed-job-counted-done", "anyv2v_core/batch/runner.py",
+             "        if outcome.status == FAILED:", '        if outcome.status == "fail":',
+             (BATCH + "test_a_job_that_fails_in_its_worker_is_counted_recorded_with_its_attempts_and_leaves_no_folder",
+              BATCH + "test_on_ray_a_job_that_fails_in_its_worker_is_counted_recorded_with_its_attempts_and_leaves_no_folder")),
+    Mutation("failure-without-attempts", "anyv2v_core/batch/runner.py",
+             "id=outcome.job_id,\n                                         attempts=attempts).record())",
+             "id=outcome.job_id).record())",
+             (BATCH + "test_a_job_that_fails_in_its_worker_is_counted_recorded_with_its_attempts_and_leaves_no_folder",
+              BATCH + "test_on_ray_a_job_that_fails_in_its_worker_is_counted_recorded_with_its_attempts_and_leaves_no_folder")),
+    Mutation("result-committed-by-copying", "anyv2v_core/batch/store.py",
+             "            os.rename(partial, out / job_id)", "            shutil.copytree(partial, out / job_id)",
+             (BATCH + "test_a_result_appears_by_one_rename_and_a_crash_while_writing_it_leaves_nothing",)),
+    Mutation("cache-temps-kept-after-the-run", "anyv2v_core/batch/runner.py",
+             "        remove_leftovers(out, inversion_cache)  # from workers that died; the others are idle",
+             "        pass  # from workers that died; the others are idle",
+             (BATCH + "test_temporary_inversion_files_of_killed_workers_are_gone_when_a_run_starts_and_when_it_ends",)),
+    Mutation("native-injection-left-on-the-model", "nodes/comfy_wan.py",
+             "        finally:\n            handle.remove()\n        if sigma == 0:",
+             "        finally:\n            pass\n        if sigma == 0:",
+             (NATIVE_PROMISES + "test_the_model_is_left_as_it_was_after_a_success_an_error_and_a_cancel",)),
+    Mutation("native-prompt-padding-misplaced", "nodes/comfy_wan.py",
+             "(tensor, (0, 0, 0, longest - tensor.shape[1]))", "(tensor, (0, 0, longest - tensor.shape[1], 0))",
+             (NATIVE_PROMISES + "test_rows_of_different_prompt_lengths_batch_with_each_rows_own_tokens",)),
+    Mutation("native-time-in-model-units", "nodes/comfy_wan.py",
+             "    def model_time(self, sigma: float) -> float:\n        return sigma",
+             "    def model_time(self, sigma: float) -> float:\n        return sigma * self.num_train_timesteps",
+             (NATIVE_PROMISES + "test_the_diffusion_model_runs_at_comfyuis_sigmas_in_its_own_time_units",)),
+    # ------------------------------------------------------------------ modules that had no mutation before issue 21
+    Mutation("inversion-file-casts-to-float32", "anyv2v_core/inversion_store.py",
+             'tensors[name] = value.detach().to("cpu").clone(', 'tensors[name] = value.detach().to("cpu", torch.float32).clone(',
+             ("tests/test_inversion_store.py::test_keys_and_fields_come_back_with_their_types",)),
+    Mutation("wan-options-on-a-unet-accepted", "anyv2v_core/loading.py",
+             "if name not in WAN_BACKBONES and set(options) & WAN_OPTIONS:", "if False and set(options) & WAN_OPTIONS:",
+             (WAN + "test_bad_wan_input_fails_before_any_weight_loads",)),
+    Mutation("job-groups-ignore-the-video", "anyv2v_core/batch/jobs.py",
+             'group = {"load": backbone_options(args), "video": video_hash, ', 'group = {"load": backbone_options(args), ',
+             ("tests/test_batch.py::test_job_ids_follow_content_and_settings_groups_follow_the_inversion",)),
+    Mutation("dead-worker-not-counted", "anyv2v_core/batch/ray_runner.py",
+             "                    actors[slot] = start_worker()\n                    progress.worker_replaced()",
+             "                    actors[slot] = start_worker()",
+             ("tests/test_batch_ray.py",)),
+    Mutation("pickles-loaded-without-consent", "anyv2v_core/backbones/checkpoints.py",
+             "    if not allow_pickle:\n        raise ModelLoadError(", "    if False:\n        raise ModelLoadError(",
+             ("tests/test_seine_unet.py::test_pickles_are_refused_unless_allowed",)),
+    Mutation("rotary-turns-the-wrong-way", "anyv2v_core/backbones/rotary.py",
+             "return torch.stack((-second, first), dim=-1).flatten(-2)",
+             "return torch.stack((second, -first), dim=-1).flatten(-2)",
+             ("tests/test_seine_unet.py::test_rotary_only_rotates_first_dims_and_is_relative",
+              "tests/test_consisti2v_unet.py::test_unet_forward_matches_reference")),
+    Mutation("seine-first-frame-not-known", "anyv2v_core/backbones/seine.py",
+             "        mask[:, :, 0] = 0\n        return SeineRow(", "        mask[:, :, 0] = 1\n        return SeineRow(",
+             ("tests/test_seine_pipeline.py",)),
+    Mutation("consisti2v-source-branch-keeps-the-source-frame", "anyv2v_core/backbones/consisti2v.py",
+             "            return replace(source, first_frame_latents=edit.first_frame_latents)",
+             "            return source",
+             ("tests/test_consisti2v_pipeline.py::test_edit_latents_match_reference",)),
+    Mutation("consisti2v-temporal-keys-unrotated", "anyv2v_core/backbones/consisti2v_unet.py",
+             "k = torch.cat([self.rotary_emb.rotate(k[:, :num_frames]), k[:, num_frames:]], dim=1)",
+             "k = torch.cat([k[:, :num_frames], k[:, num_frames:]], dim=1)",
+             ("tests/test_consisti2v_unet.py::test_unet_forward_matches_reference",)),
+    Mutation("seine-keys-unrotated", "anyv2v_core/backbones/seine_unet.py",
+             "        k = self.rotary_emb.rotate(self.split_heads(k), seq_dim=-2)", "        k = self.split_heads(k)",
+             ("tests/test_seine_unet.py::test_plain_case_and_intermediates",)),
+    Mutation("capture-features-start-index-unchecked", "nodes/injection.py",
+             "        if start_index >= steps:", "        if start_index > steps:",
+             (NODES + "test_capture_features_validation",)),
+    Mutation("sampler-node-drops-layer-overrides", "nodes/sampling.py",
+             "injection=features.injection_for(model), cfg=cfg", "injection=features.injection, cfg=cfg",
+             (NODES + "test_layer_override_reaches_the_sampler",)),
+    Mutation("loader-accepts-any-repo-id", "nodes/loaders.py",
+             "return check_repo_id(repo_id) or True", "return True",
+             (NODES + "test_loader_validation",)),
+    Mutation("wan-frame-count-unchecked", "nodes/wan.py",
+             "if frame_count is not None and (frame_count - 1) % 4:", "if False and (frame_count - 1) % 4:",
+             (PROMISES + "test_a_frame_count_of_zero_is_refused_at_every_entry_never_read_as_all_frames",)),
 ]
 
 
@@ -296,19 +415,39 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
     return result.returncode, time.monotonic() - started, failed[0] if failed else lines[-1]
 
 
+def stale_mutations(root: Path, mutations: list[Mutation]) -> list[tuple[Mutation, int]]:
+    """(mutation, occurrences) for each mutation whose snippet is not exactly once in its file under `root`."""
+    counts = [(m, (root / m.path).read_text().count(m.old) if (root / m.path).is_file() else 0) for m in mutations]
+    return [(m, count) for m, count in counts if count != 1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    parser.add_argument("--module", nargs="+", metavar="PATH",
+                        help="run the mutations of these files only (a folder ending in / takes the files under it)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check that every snippet matches its file exactly once, run no mutation (seconds)")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    chosen = [m for m in MUTATIONS if (not args.only or m.name in args.only)
+              and (not args.module or any(m.path == path or (path.endswith("/") and m.path.startswith(path))
+                                          for path in args.module))]
     unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
     if unknown:
         parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    if not chosen:
+        parser.error("no mutation matches --only / --module")
     if args.list:
         for mutation in chosen:
             print(f"{mutation.name:40} {mutation.path}")
         return 0
+    if args.smoke:
+        stale = stale_mutations(REPO, chosen)
+        for mutation, count in stale:
+            print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        print(f"{len(chosen)} mutation snippets checked, {len(stale)} stale")
+        return 1 if stale else 0
     if not os.environ.get("COMFYUI_PYTHON"):
         for mutation in [m for m in chosen if any(test.startswith(HOST_TESTS) for test in m.tests)]:
             print(f"not run   {mutation.name}: its test starts a real ComfyUI (set COMFYUI_PYTHON and COMFYUI_DIR)")
@@ -317,12 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="anyv2v-mutation-") as scratch:
         copy = scratch_copy(Path(scratch))
-        stale = []
-        for mutation in chosen:
-            count = (copy / mutation.path).read_text().count(mutation.old)
-            if count != 1:
-                stale.append(mutation)
-                print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        stale = stale_mutations(copy, chosen)
+        for mutation, count in stale:
+            print(f"STALE     {mutation.name}: its snippet occurs {count} times in {mutation.path}")
+        stale = [mutation for mutation, _ in stale]
         runnable = [m for m in chosen if m not in stale]
         baseline = tuple(dict.fromkeys(test for m in runnable for test in m.tests))
         code, seconds, tail = run_tests(copy, baseline)

@@ -147,6 +147,7 @@ def phase(backbone, *, rows: int, frames: int, size: int):
     """The native backbone's node phase (ComfyUI's sampler protocol: load, pre_run, cleanup); none for diffusers'."""
     running = getattr(backbone, "running", None)
     return running(rows=rows, frames=frames, size_wh=(size, size)) if running else contextlib.nullcontext()
+SMOKE = ["--steps", "1", "--frames", "5", "--size", "32", "--repeats", "1"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:
@@ -157,7 +158,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest is reported")
     parser.add_argument("--one", nargs=2, metavar=("PATH", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     if args.one:
         print(json.dumps(run_one(*args.one, str(args.comfyui.resolve()), args.steps, args.frames, args.size,
                                  args.repeats)))

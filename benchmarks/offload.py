@@ -41,12 +41,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2**30
 
 
-def build(dtype: torch.dtype) -> I2VGenXLBackbone:
-    """I2VGen-XL with weightless weights on the host; no tokenizer: the text encoder takes token ids."""
+def build(dtype: torch.dtype, config_name: str = "i2vgen-xl") -> I2VGenXLBackbone:
+    """I2VGen-XL (or the "tiny" config of its architecture) with weightless weights on the host; no
+    tokenizer: the text encoder takes token ids."""
     from diffusers import AutoencoderKL, I2VGenXLUNet
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    config = json.loads(CONFIGS.read_text())["i2vgen-xl"]
+    config = json.loads(CONFIGS.read_text())[config_name]
     with torch.device("meta"):
         networks = {"unet": I2VGenXLUNet.from_config(config["unet"]), "vae": AutoencoderKL.from_config(config["vae"]),
                     "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
@@ -60,11 +61,13 @@ def build(dtype: torch.dtype) -> I2VGenXLBackbone:
 def replay(backbone: I2VGenXLBackbone, gpu: StandInDevice, *, frames: int, size: int, calls: int) -> dict:
     """The calls of one edit on the stand-in; the byte counts per UNet call and in all."""
     dtype, device, h = backbone.dtype, gpu.device, size // 8
+    text_dim, image_dim = backbone.unet.config.cross_attention_dim, backbone.image_encoder.config.projection_dim
+    image_size = backbone.image_encoder.config.image_size
     with torch.inference_mode():
         backbone.text_encoder(torch.zeros(1, 77, dtype=torch.long).to(device))
-        backbone.image_encoder(torch.randn(1, 3, 224, 224, dtype=dtype).to(device))
+        backbone.image_encoder(torch.randn(1, 3, image_size, image_size, dtype=dtype).to(device))
         backbone.vae.encode(torch.randn(1, 3, size, size, dtype=dtype).to(device))
-        rows = [I2VGenXLRow(text_embeddings=torch.randn(1, 77, 1024), image_embeddings=torch.randn(1, 1, 1024),
+        rows = [I2VGenXLRow(text_embeddings=torch.randn(1, 77, text_dim), image_embeddings=torch.randn(1, 1, image_dim),
                             image_latents=torch.randn(1, 4, frames, h, h), fps=8) for _ in range(3)]
         latents = torch.randn(3, 4, frames, h, h).to(device)
         per_call = []
@@ -99,6 +102,7 @@ def host_ram_peak(offloader: Offloader) -> tuple[int, int]:
             else:
                 held += size
     return held + largest, pinned
+SMOKE = ["--tiny", "--frames", "2", "--size", "32", "--calls", "2"]  # --smoke: tiny sizes, checks that this script runs
 
 
 def main() -> None:
@@ -107,10 +111,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--calls", type=int, default=4, help="UNet calls (the first one is not in the per-call mean)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config of the same architecture (checks the script)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(1)
 
-    backbone = build(DTYPES[args.dtype])
+    backbone = build(DTYPES[args.dtype], "tiny" if args.tiny else "i2vgen-xl")
     weights = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
                for name, m in backbone.modules().items()}
     print(f"### I2VGen-XL ({args.dtype}, {args.size}x{args.size}, {args.frames} frames): weights "

@@ -194,7 +194,7 @@ def run_edit(backbone, frames, first_frame, settings: pipeline.EditSettings, now
 def replay(backbone, calls: list[UNetCall], now: Callable[[], float], *, with_injection: bool) -> float:
     """Time of the recorded calls through the UNet alone; with the injection hooks set as they
     were when `with_injection` (calls made without hooks replay without them)."""
-    plan = InjectionPlan.build([], InjectionSettings(), backbone.injection_layers)  # hooks only
+    plan = InjectionPlan.build(0, InjectionSettings(), backbone.injection_layers)  # hooks only, never active
     with injected(backbone.unet, plan) if with_injection else nullcontext() as injector:
         start = now()
         for call in calls:
@@ -240,6 +240,9 @@ def profile_edit(backbone, frames, first_frame, settings: pipeline.EditSettings,
     stats.sort_stats("cumulative").print_stats(top)
 
 
+SMOKE = ["--frames", "4", "--inversion-steps", "2", "--steps", "2", "--repeats", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=8)
@@ -254,7 +257,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="an I2VGen-XL diffusers folder (default: a tiny random one)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also cProfile one edit and print its top N functions by cumulative time")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(args.threads)
     now = CLOCKS[args.clock]
 

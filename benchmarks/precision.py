@@ -94,13 +94,20 @@ def psnr(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+SMOKE = ["--backbones", "toy", "--inversion-steps", "1", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["toy", "i2vgen-xl", "consisti2v", "seine"])
     parser.add_argument("--inversion-steps", type=int, default=None,
                         help="default: each backbone's (500; the toy demo's 100)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: each backbone's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(args.threads)
 
     header = ["backbone", "inversion steps", "dtype", "inverted start rel. error", "final latents rel. error",
@@ -112,6 +119,8 @@ def main() -> None:
             backbone, source, edited, prompt, settings = case(name, dtype)
             if args.inversion_steps:
                 settings = dataclasses.replace(settings, inversion_steps=args.inversion_steps)
+            if args.steps:
+                settings = dataclasses.replace(settings, steps=args.steps)
             started = time.perf_counter()
             result = edit(backbone, source, edited, prompt=prompt, settings=settings)
             results[label] = result

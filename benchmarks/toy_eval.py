@@ -176,6 +176,10 @@ def print_scores(title: str, scores: dict[str, list[dict]]) -> None:
         print(f"| {name} | {means[0]:.2f} | {means[1]:.2f} | {means[2]:.3f} | {means[3]:.4f} | {means[4]:.2f} |")
 
 
+SMOKE = ["--clips", "0", "--inversion-clips", "1", "--inversion-steps", "50", "--start-indices", "0",
+         "--attention-clips", "0"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
@@ -187,7 +191,10 @@ def main() -> None:
     parser.add_argument("--cfgs", type=float, nargs="*", default=[1.0, 3.0, 9.0])
     parser.add_argument("--attention-clips", type=int, default=4, help="held-out clips for the attention table")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.weights)
     started = time.time()

@@ -72,6 +72,9 @@ def track_scores(frames: np.ndarray, info: world.ObjectInfo, velocity) -> dict[s
     return scores
 
 
+SMOKE = ["--clips", "1", "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
@@ -81,7 +84,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strip", type=Path, default=None,
                         help="write a PNG: per clip, the true frames above the generated ones (first 4 clips)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.weights)
     rows = {"generated": [], "ground truth": []}

@@ -32,16 +32,26 @@ from anyv2v_core.windows import ContextWindows  # noqa: E402
 LONG_CLIP_SEEDS = HELD_OUT_SEED + 700_000  # held out from training, the evaluation and the demo
 
 
+SMOKE = ["--frames", "6", "--clips", "1", "--window", "4", "--overlap", "2", "--inversion-steps", "1",
+         "--steps", "1"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--window", type=int, default=8, help="window length (the toy's training length)")
     parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--inversion-steps", type=int, default=SETTINGS.inversion_steps)
+    parser.add_argument("--steps", type=int, default=SETTINGS.steps, help="sampling steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(args.threads)
     backbone = load_backbone(WEIGHTS)
+    settings = replace(SETTINGS, inversion_steps=args.inversion_steps, steps=args.steps)
     approaches = {"all frames at once": None, f"windows {args.window}/{args.overlap}": ContextWindows(args.window, args.overlap)}
     scores = {name: [] for name in approaches}
     seconds = {name: 0.0 for name in approaches}
@@ -53,13 +63,13 @@ def main() -> None:
             started = time.perf_counter()
             result = edit(backbone, torch.from_numpy(world.render(scene)),
                           torch.from_numpy(world.edited_first_frame(edited_scene))[None],
-                          prompt=edited_scene.caption(), settings=replace(SETTINGS, windows=windows))
+                          prompt=edited_scene.caption(), settings=replace(settings, windows=windows))
             seconds[name] += time.perf_counter() - started
             scores[name].append(score_edit(result.frames.numpy(), edited_scene, index))
 
-    print(f"\n{args.clips} held-out toy clips of {args.frames} frames, {SETTINGS.inversion_steps} inversion / "
-          f"{SETTINGS.steps} sampling steps, taus {SETTINGS.injection.conv_tau}/{SETTINGS.injection.spatial_tau}/"
-          f"{SETTINGS.injection.temporal_tau}\n")
+    print(f"\n{args.clips} held-out toy clips of {args.frames} frames, {settings.inversion_steps} inversion / "
+          f"{settings.steps} sampling steps, taus {settings.injection.conv_tau}/{settings.injection.spatial_tau}/"
+          f"{settings.injection.temporal_tau}\n")
     print("| approach | centroid error (px) | shape found | colour error | background flicker | PSNR to ideal (dB) | s per clip |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in scores.items():

@@ -29,6 +29,9 @@ from anyv2v_core.sampling import sample_edit  # noqa: E402
 from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video  # noqa: E402
 
 
+SMOKE = ["--steps", "2"]  # --smoke: tiny sizes, checks that this script runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", default="wan2.1-i2v")
@@ -36,7 +39,10 @@ def main() -> None:
     parser.add_argument("--qk-scale", type=float, default=1.0,
                         help="multiply every self-attention's Q and K norm weights by this, for the peaked attention maps "
                              "of a trained model (random weights give near-uniform maps, which carry nothing)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny run of SMOKE, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args = parser.parse_args(SMOKE)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         backbone = load_backbone(build_tiny_wan(Path(scratch) / "wan", args.kind), dtype="fp32")

@@ -32,7 +32,7 @@ from ..pipeline import EditSettings, edit, invert_source
 from ..video import read_frames, read_image, write_image, write_video
 from .jobs import OUTPUT_KEYS, Job, JobFailure, read_jobs
 from .store import (RESULT_FILE, FailureLog, InversionCache, commit_result, inversion_key, is_finished, prepare_output,
-                    remove_partial_results)
+                    remove_leftovers)
 
 logger = logging.getLogger("AnyV2V")
 
@@ -280,8 +280,7 @@ def run_batch(
     out = Path(out)
     jobs, invalid = read_jobs(jobs_file)  # every line checked before any model loads
     prepare_output(out)
-    if inversion_cache is not None:
-        InversionCache(Path(inversion_cache)).remove_partials()
+    remove_leftovers(out, inversion_cache)
     failures = FailureLog(out)
     failures.start([failure.record() for failure in invalid])
     for failure in invalid:
@@ -302,7 +301,7 @@ def run_batch(
     except KeyboardInterrupt:
         summary.interrupted = True  # killed actors may still be stopping: the next run removes their partial results
     else:
-        remove_partial_results(out)  # from workers that died; the others are idle
+        remove_leftovers(out, inversion_cache)  # from workers that died; the others are idle
     finally:
         progress.close()
     summary.done, summary.failed, summary.replaced_workers = progress.done, progress.failed, progress.replaced_workers

@@ -55,20 +55,23 @@ def inversion_settings(settings: EditSettings) -> dict:
 
 
 def prepare_output(out: Path) -> None:
-    """Create the output folder, and remove the partial results a killed worker or run left behind."""
+    """Create the output folder (`remove_leftovers` then clears what a killed worker or run left)."""
     if out.exists() and not out.is_dir():
         raise AnyV2VError(f"{out} is a file; give --out a folder (it holds one subfolder per job)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise AnyV2VError(f"cannot create the output folder {out} ({error.strerror}); choose another --out") from None
-    remove_partial_results(out)
 
 
-def remove_partial_results(out: Path) -> None:
-    """Remove what killed workers left half-written; only while no worker of this output runs."""
+def remove_leftovers(out: Path, inversion_cache: Path | None) -> None:
+    """Remove what killed workers left half-written: partial results, and the temporary files of
+    inversions they were saving. Only while no worker of this output runs: when a run starts and
+    when it ends."""
     for partial in out.glob(PARTIAL_PREFIX + "*"):
         shutil.rmtree(partial, ignore_errors=True)
+    if inversion_cache is not None:
+        InversionCache(Path(inversion_cache)).remove_partials()
 
 
 def is_finished(out: Path, job_id: str) -> bool:
