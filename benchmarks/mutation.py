@@ -217,6 +217,10 @@ MUTATIONS = [
              (NATIVE + "test_native_check[each_phase_loads_each_expert_for_its_rows_and_predicts_between_pre_run_and_"
                        "cleanup]",
               NATIVE + "test_native_check[a_run_an_error_and_a_cancel_leave_no_hook_or_patch_on_the_model]")),
+    Mutation("native-ti2v-clean-frame-in-every-window", "nodes/comfy_wan.py",
+             "        clean_frames = 1 if bool(rows[0].follows_first_frame[0, 0, 0]) else 0\n        x = latents",
+             "        clean_frames = 1\n        x = latents",
+             (NATIVE + "test_native_check[wan22_ti2v_windows_put_the_clean_first_frame_in_the_first_window_only]",)),
     Mutation("auto-budget-ignores-what-comfyui-can-unload", "nodes/host.py",
              "model_management.get_free_memory(device), unloadable,", "model_management.get_free_memory(device), 0,",
              (NATIVE + "test_native_check[auto_memory_counts_what_comfyui_can_unload_and_keeps_its_reserve]",)),

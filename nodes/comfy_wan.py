@@ -81,10 +81,14 @@ class ComfyWanRow(RowCondition):
 
 @dataclass
 class ComfyWanTI2VRow(RowCondition):
-    """One row of Wan 2.2 TI2V conditioning: text, and the clean first latent frame."""
+    """One row of Wan 2.2 TI2V conditioning: text, and the clean first latent frame, which goes in front
+    of the first temporal window only (a later window starts mid-video)."""
 
+    frame_fields: ClassVar[tuple[str, ...]] = ("follows_first_frame",)
     c_crossattn: torch.Tensor  # [1, L, 4096]
     first_frame_latents: torch.Tensor  # [1, C, 1, h, w], model space, on the CPU
+    # [1, 1, F'-1, 1, 1] bool over the generated latent frames: True on the one right after the first frame
+    follows_first_frame: torch.Tensor
     cond_or_uncond: int = COND
 
 
@@ -320,18 +324,24 @@ class ComfyWanTI2VBackbone(ComfyWanBackbone):
     def rows_for(self, first_frame: torch.Tensor, positive: list, negative: list | None = None, *, num_frames: int,
                  clip_vision_output=None) -> list[ComfyWanTI2VRow]:
         first = self.encode_video(first_frame).cpu()  # rows are kept with the inversion: off the device
+        follows_first_frame = torch.zeros(1, 1, (num_frames - 1) // self.temporal_stride, 1, 1, dtype=torch.bool)
+        follows_first_frame[:, :, 0] = True
         return [ComfyWanTI2VRow(c_crossattn=first_entry(conditioning)[0].to(torch.float32), first_frame_latents=first,
-                                cond_or_uncond=label)
+                                follows_first_frame=follows_first_frame, cond_or_uncond=label)
                 for conditioning, label in labelled(positive, negative)]
 
     def predict(self, latents: torch.Tensor, timestep: float, rows: Sequence[ComfyWanTI2VRow]) -> torch.Tensor:
-        first = torch.cat([row.first_frame_latents for row in rows]).to(latents)
-        x = torch.cat([first, latents], dim=2)
+        """Velocity of generated latent frames [B, C, W, h, w] (all, or one temporal window); the clean
+        first frame goes in front of the window that starts the video."""
+        clean_frames = 1 if bool(rows[0].follows_first_frame[0, 0, 0]) else 0
+        x = latents
+        if clean_frames:
+            x = torch.cat([torch.cat([row.first_frame_latents for row in rows]).to(latents), latents], dim=2)
         denoise_mask = torch.ones(x.shape[0], 1, *x.shape[2:])
-        denoise_mask[:, :, 0] = 0  # the known first frame: per-frame timestep 0 (WAN22.process_timestep)
+        denoise_mask[:, :, :clean_frames] = 0  # the known first frame: per-frame timestep 0 (WAN22.process_timestep)
         conds = {"c_crossattn": torch.cat([pad_tokens(row.c_crossattn, rows, "c_crossattn") for row in rows]),
                  "denoise_mask": denoise_mask}
-        return self.velocity(x, timestep, conds, [row.cond_or_uncond for row in rows])[:, :, 1:]
+        return self.velocity(x, timestep, conds, [row.cond_or_uncond for row in rows])[:, :, clean_frames:]
 
     def video_latents(self, latents: torch.Tensor, row: ComfyWanTI2VRow) -> torch.Tensor:
         return torch.cat([row.first_frame_latents.to(latents), latents], dim=2)

@@ -123,25 +123,26 @@ def models(kind: str) -> dict:
 
 
 def edit(kind: str, inputs: dict, *, attention_tau: float = 0.5, order: str = "2 (midpoint, recommended)",
-         window_length: int = 0) -> dict:
+         window_length: int = 0, frames: int = FRAMES) -> dict:
     """The three native nodes and CaptureFeatures, as the example workflow wires them (and as ComfyUI
     runs a prompt: in inference mode); the sampler's LATENT. `window_length` 5 (overlap 4): two
     windows of 2 latent frames over the 3."""
     import torch
 
     with torch.inference_mode():
-        return edit_nodes(kind, inputs, attention_tau=attention_tau, order=order, window_length=window_length)
+        return edit_nodes(kind, inputs, attention_tau=attention_tau, order=order, window_length=window_length,
+                          frames=frames)
 
 
-def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str, window_length: int) -> dict:
+def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str, window_length: int, frames: int) -> dict:
     from anyv2v_core.tiny_models import moving_square_video
 
     wan, injection = pack("wan"), pack("injection")
-    source = moving_square_video(FRAMES, SIZE)
+    source = moving_square_video(frames, SIZE)
     vision = {"clip_vision_output": clip_vision(0)} if kind == "wan2.1-i2v" else {}
     (backbone,) = wan.AnyV2VWanModel().build(inputs["model"], inputs["vae"], "all", "batched",
                                              model_low_noise=inputs.get("model_low_noise"))
-    inversion, _ = wan.AnyV2VFlowInvertVideo().invert(backbone, source, SIZE, SIZE, "stretch", FRAMES, 16, STEPS, order,
+    inversion, _ = wan.AnyV2VFlowInvertVideo().invert(backbone, source, SIZE, SIZE, "stretch", frames, 16, STEPS, order,
                                                       window_length, 4, empty_prompt=text(0), **vision)
     (features,) = injection.CaptureFeatures().plan(inversion, 0.0, 0.0, 0.0, 0, attention_tau=attention_tau)
     latent, _ = wan.AnyV2VWanSampler().sample(backbone, features, text(1), text(2), source[:1].flip(-1), 5.0, **vision)
@@ -219,6 +220,25 @@ def wan22_a14b_expert_switch_runs_on_the_device_with_the_cpu_latents():
 @check
 def wan22_ti2v_clean_first_frame_runs_on_the_device_with_the_cpu_latents():
     check_standin_run_equals_the_cpu_run("wan2.2-ti2v")
+
+
+@check
+def wan22_ti2v_windows_put_the_clean_first_frame_in_the_first_window_only():
+    """A later temporal window starts mid-video: the clean first frame (timestep 0) goes in front of the
+    window that starts the video only. 13 frames: 3 generated latent frames, windows [0, 2) and [1, 3)."""
+    inputs, calls = models("wan2.2-ti2v"), []  # per diffusion model call: latent frames in, frames at timestep 0
+
+    def spy(module, args):
+        x, timestep = args[0], args[1]  # timestep [B, F]: one per latent frame (WAN22.process_timestep)
+        if timestep.max() > 0:  # not the inversion's first evaluation, at the clean end
+            calls.append((x.shape[2], int((timestep[0] == 0).sum())))
+
+    handle = inputs["model"].model.diffusion_model.register_forward_pre_hook(spy)
+    try:
+        edit("wan2.2-ti2v", inputs, order="1 (euler)", window_length=5, frames=13)
+    finally:
+        handle.remove()
+    assert set(calls) == {(3, 1), (2, 0)}, sorted(set(calls))
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI's protocol
