@@ -217,6 +217,13 @@ def _patcher_class():
                 offloader.offload_component(name)
             return before - self.loaded_size()
 
+        def clone(self, *args, **kwargs):
+            from anyv2v_core.errors import AnyV2VError
+
+            raise AnyV2VError("an AnyV2V backbone is not a MODEL: it cannot be cloned or patched (LoRA, model "
+                              "patches). Patch the MODEL before AnyV2V Wan Model, or use LoadI2VBackbone's output "
+                              "only with the AnyV2V nodes")
+
         def detach(self, unpatch_all=True):
             if unpatch_all and self.loaded_size():
                 logger.info("ComfyUI unloads %s (%.1f MiB)", self.backbone.name, self.loaded_size() / 2**20)

@@ -501,7 +501,7 @@ def auto_memory_counts_what_comfyui_can_unload_and_keeps_its_reserve():
 def backbone_patcher_follows_newer_comfyuis_calls():
     """Against the snapshot's ModelPatcher: a negative extra_memory shrinks the loaded model (newer
     load_models_gpu asks that way), partially_load / partially_unload take newer keyword arguments
-    (force_patch_weights, and any later ones)."""
+    (force_patch_weights, and any later ones), clone() fails with a message."""
     import tempfile
 
     import torch
@@ -525,6 +525,15 @@ def backbone_patcher_follows_newer_comfyuis_calls():
         loaded = patcher.loaded_size()
         freed = patcher.partially_unload(torch.device("cpu"), loaded, force_patch_weights=False, future_argument=1)
         assert freed > 0 and patcher.loaded_size() == loaded - freed, (freed, loaded, patcher.loaded_size())
+    # clone() (a MODEL patch node, or newer ComfyUI calling the class with new arguments) is refused by name
+    from anyv2v_core.errors import AnyV2VError
+
+    try:
+        patcher.clone()
+    except AnyV2VError as error:
+        assert "cannot be cloned" in str(error), str(error)
+    else:
+        raise AssertionError("BackbonePatcher.clone() did not refuse")
 
 
 # ---------------------------------------------------------------------------------------------- runner
