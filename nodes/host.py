@@ -147,13 +147,16 @@ def release_cached_memory() -> None:
         model_management.soft_empty_cache()
 
 
-def available_device_memory(device) -> int:
-    """Accelerator bytes an edit may count on. Under ComfyUI: what is free now, plus what its loaded
-    models hold on the device (it unloads them on demand), minus the memory it keeps for inference
-    (--reserve-vram included); without it, the driver's free memory less the engine's reserve."""
+def available_device_memory(device) -> int | None:
+    """Accelerator bytes an edit may count on; None where there is no device memory to fit (the CPU,
+    or without ComfyUI a device torch cannot measure). Under ComfyUI: what is free now, plus what its
+    loaded models hold on the device (it unloads them on demand), minus the memory it keeps for
+    inference (--reserve-vram included); without it, CUDA's free memory less the engine's reserve."""
     from anyv2v_core.memory import available_memory, device_free_memory
 
     model_management = _model_management()
+    if device.type == "cpu" or (model_management is None and device.type != "cuda"):
+        return None
     if model_management is None:
         return available_memory(device_free_memory(device))
     unloadable = sum(loaded.model_loaded_memory() for loaded in model_management.current_loaded_models
@@ -261,9 +264,9 @@ def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, 
         return
     device = execution_device(compute_device())
     policy = handle.offload
-    if policy == "auto":  # no device memory to fit (the CPU): nothing to choose
+    if policy == "auto":  # no device memory to fit (the CPU): nothing to choose, all stays where it is
         available = available_device_memory(device)
-        policy = "none" if device.type == "cpu" else auto_policy(
+        policy = "none" if available is None else auto_policy(
             backbone, available, frames=frames, size_wh=size_wh, rows=rows, decode_chunk_size=decode_chunk_size)
     if (backbone.offloader.policy, backbone.offloader.device) != (policy, device):  # else: already set up, nothing moves
         logger.info("running %s on %s (offload: %s)", backbone.name, device, policy)
