@@ -112,7 +112,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                        help="keep inversions in memory only, not in <out>/inversions (disk cost: docs/batch.md)")
 
     demo = commands.add_parser("demo", help="offline demo: a real edit on the shipped toy backbone (CPU, seconds)")
-    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for source.mp4, edited_first_frame.png, edited.mp4, strip.png")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for source.mp4, edited.mp4, strip.png")
     demo.add_argument("--seed", type=int, default=0, help="which held-out toy clip to edit")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
 

@@ -43,8 +43,7 @@ from anyv2v_core.loading import load_backbone  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
 from anyv2v_core.toy import world  # noqa: E402
 from anyv2v_core.toy.metrics import psnr, score_edit  # noqa: E402
-from anyv2v_core.toy.demo import WAN_WEIGHTS  # noqa: E402
-from anyv2v_core.toy.wan_train import HELD_OUT_SEED  # noqa: E402
+from anyv2v_core.toy.wan_train import HELD_OUT_SEED, WAN_WEIGHTS  # noqa: E402
 
 GENERATION_STEPS = 20  # plain image-to-video sampling of a toy clip: 20 Euler steps, one call each
 

@@ -1,5 +1,5 @@
 """The flow world and the shipped toy Wan: determinism, loading through `load_backbone` like a real
-Wan 2.2 TI2V folder, resumable training, the demo end to end and the evaluation's smoke mode."""
+Wan 2.2 TI2V folder with its own defaults, resumable training and the evaluation's smoke mode."""
 
 import math
 import sys
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anyv2v_core.toy import world
-from anyv2v_core.toy.demo import DISPLAY_SCALE, STRIP_FRAMES, WAN_WEIGHTS
+from anyv2v_core.toy.wan_train import HELD_OUT_SEED, WAN_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,13 @@ def test_shipped_toy_wan_loads_as_a_wan_ti2v_folder_with_its_own_defaults(toy_wa
     assert toy_wan.defaults.size_wh == (world.FLOW_SIZE,) * 2 and toy_wan.defaults.num_frames == world.FLOW_FRAMES
     modules = dict(toy_wan.transformers.named_modules())
     assert all(name in modules for name in toy_wan.injection_layers.all_names())
-    # the trained VAE gives the world's clips back (normalised latents: unit scale per channel)
-    source = world.render(world.make_flow_scene(10**9 + 123))
-    latents = toy_wan.encode_video(torch.from_numpy(source))
-    assert 0.5 < float(latents.std()) < 2.0
-    mse = float(np.mean((toy_wan.decode(latents).numpy() - source) ** 2))
-    assert 10 * math.log10(1 / mse) > 28.0
+    # latents_mean / latents_std were measured on held-out clips: other held-out clips' latents come out
+    # normalised (per channel mean near 0, spread near 1), as the engine's schedule assumes
+    clips = torch.from_numpy(np.stack([world.render(world.make_flow_scene(HELD_OUT_SEED + 400 + k)) for k in range(4)]))
+    latents = torch.cat([toy_wan.encode_video(clip) for clip in clips])  # [4, C, F', h, w]
+    assert latents.shape[1:] == (8, 3, 8, 8)
+    assert latents.mean(dim=(0, 2, 3, 4)).abs().max() < 0.5
+    assert ((latents.std(dim=(0, 2, 3, 4)) > 0.5) & (latents.std(dim=(0, 2, 3, 4)) < 2.0)).all()
 
 
 def test_training_writes_a_loadable_folder_and_resumes(tmp_path):
@@ -67,7 +68,7 @@ def test_training_writes_a_loadable_folder_and_resumes(tmp_path):
     from anyv2v_core.toy import wan_train
 
     out, work = tmp_path / "weights", tmp_path / "work"
-    common = ["--out", str(out), "--work", str(work), "--vae-steps", "2", "--vae-batch", "1", "--batch", "2",
+    common = ["--out", str(out), "--work", str(work), "--vae-steps", "2", "--vae-batch", "1", "--vae-eval-clips", "2", "--batch", "2",
               "--width", "32", "--blocks", "2", "--checkpoint-every", "1", "--threads", "1"]
     wan_train.main(common + ["--steps", "1"])
     assert load_backbone(out).name == "wan2.2-ti2v"
@@ -75,28 +76,6 @@ def test_training_writes_a_loadable_folder_and_resumes(tmp_path):
     log = [line.split(",")[:2] for line in (work / "loss.csv").read_text().splitlines()]
     assert log == [["vae", "1"], ["vae", "2"], ["transformer", "1"], ["transformer", "2"]]
     assert not list(tmp_path.glob("*.partial"))
-
-
-def test_demo_writes_the_edit_and_never_overwrites(tmp_path):
-    """The README's first command: a whole AnyV2V edit on the shipped toy Wan, four files out."""
-    from anyv2v_core.errors import AnyV2VError
-    from anyv2v_core.toy.demo import run_demo
-    from anyv2v_core.video import read_frames, read_image
-
-    torch.set_num_threads(1)
-    result = run_demo(tmp_path)
-    assert [p.name for p in result.files] == ["source.mp4", "edited_first_frame.png", "edited.mp4", "strip.png"]
-    for name, frames in (("source", result.source), ("edited", result.edited)):
-        shown = read_frames(tmp_path / f"{name}.mp4")[0].numpy()
-        big = frames.repeat(DISPLAY_SCALE, axis=1).repeat(DISPLAY_SCALE, axis=2)
-        assert shown.shape == big.shape and frames.shape[0] == world.FLOW_FRAMES
-        assert np.abs(shown - big).mean() < 0.02, name  # each file holds its own clip up to the codec's error
-    strip = read_image(tmp_path / "strip.png").numpy()
-    assert strip.shape[:2] == (2 * world.FLOW_SIZE * DISPLAY_SCALE, len(STRIP_FRAMES) * world.FLOW_SIZE * DISPLAY_SCALE)
-    first = read_image(tmp_path / "edited_first_frame.png").numpy()
-    assert np.abs(first - result.ideal[0].repeat(DISPLAY_SCALE, 0).repeat(DISPLAY_SCALE, 1)).max() < 1 / 255 + 1e-6
-    with pytest.raises(AnyV2VError, match="already exists"):
-        run_demo(tmp_path)
 
 
 def test_evaluation_smoke_mode_counts_the_defaults_calls():

@@ -6,7 +6,8 @@ Clips come from the flow world (`world.make_flow_scene`: 9 frames at 32x32, one 
 velocities), generated on the fly from seeds below `HELD_OUT_SEED` (the evaluation's are above).
 Everything is diffusers' own Wan classes, so `load_backbone` runs the folder like a real Wan 2.2 TI2V:
 1. an `AutoencoderKLWan` (causal 3D VAE: 4x spatial, 4x temporal compression, 8 latent channels)
-   trained on whole clips for reconstruction (MSE + L1 of the posterior mean's decoding); `latents_mean` / `latents_std`
+   trained on single frames (3 steps in 4: many background colours per step, cheap) and whole
+   clips (1 in 4: the temporal path) for reconstruction (MSE + L1 of the posterior mean's decoding); `latents_mean` / `latents_std`
    are then measured on held-out clips, as the real VAEs' are;
 2. a `WanTransformer3DModel` (6 blocks, width 128) trained with Wan's rectified-flow objective in
    the TI2V layout: latent frame 0 (the first video frame) stays clean with timestep 0 on its
@@ -42,6 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from ..tiny_models import WAN_SCHEDULER_CONFIG, tiny_umt5, write_character_tokenizer  # noqa: E402
 from . import world  # noqa: E402
 from .train import HELD_OUT_SEED  # noqa: E402  (evaluation clips use seeds >= this; training never does)
+
+WAN_WEIGHTS = Path(__file__).resolve().parent / "wan_weights"  # the shipped run (TRAINING.md there)
 LATENT_CHANNELS = 8
 FLOW_SHIFT = 1.0  # the toy's sigma shift (schedule.json and the engine's toy defaults)
 MODEL_INDEX = {
@@ -159,7 +162,12 @@ class Run:
         vae.train()
         losses = []
         while self.vae_step < args.vae_steps:
-            pixels = clip_batch(args.seed * 10_000_000 + self.vae_step * args.vae_batch, args.vae_batch)
+            if self.vae_step % args.vae_clip_every == 0:  # whole clips train the temporal path
+                pixels = clip_batch(args.seed * 10_000_000 + self.vae_step * args.vae_frame_batch, args.vae_batch)
+            else:  # single frames, many per step: cheap, and many background colours per batch
+                clips = clip_batch(args.seed * 10_000_000 + self.vae_step * args.vae_frame_batch, args.vae_frame_batch)
+                pick = torch.arange(args.vae_frame_batch) % clips.shape[2]
+                pixels = clips[torch.arange(args.vae_frame_batch), :, pick].unsqueeze(2)  # [B, 3, 1, H, W]
             # the posterior mean, as the engine encodes (a sample at the initial unit variance buries the signal)
             latents = vae.encode(pixels).latent_dist.mean
             recon = vae.decode(latents, return_dict=False)[0]
@@ -178,7 +186,7 @@ class Run:
                 self.save_state()
         vae.eval().requires_grad_(False)
         with torch.no_grad():  # held-out clips: the ceiling of every reconstruction and the latent statistics
-            pixels = clip_batch(HELD_OUT_SEED + 700_000, 32)
+            pixels = clip_batch(HELD_OUT_SEED + 700_000, args.vae_eval_clips)
             latents = vae.encode(pixels).latent_dist.mean  # [32, C, F', h, w]
             recon = vae.decode(latents, return_dict=False)[0]
         self.vae_psnr = 10 * math.log10(4 / F.mse_loss(recon, pixels).item())  # -1..1 has peak-to-peak 2
@@ -257,7 +265,7 @@ def empty_prompt_embedding(text_encoder, out: Path) -> torch.Tensor:
     return embeddings
 
 
-def write_training_note(out: Path, work: Path, argv: list[str]) -> None:
+def write_training_note(out: Path, work: Path, argv: list[str], threads: int) -> None:
     """TRAINING.md beside the weights: the command, the loss curve (means over tenths of each stage,
     from `work/loss.csv`, which is copied beside it) and the versions."""
     import diffusers
@@ -268,7 +276,7 @@ def write_training_note(out: Path, work: Path, argv: list[str]) -> None:
              "Flow-world clips (`anyv2v_core/toy/world.py`, `make_flow_scene`: 9 frames at 32x32), generated on the",
              "fly; the objective and the layout are in the docstring of `anyv2v_core/toy/wan_train.py`.", "",
              f"    OMP_WAIT_POLICY=PASSIVE python -m anyv2v_core.toy.wan_train {' '.join(argv)}", "",
-             "2 torch threads on a 2-core CPU shared with other jobs; the run is resumable (the same command",
+             f"{threads} torch thread(s) on a 2-core CPU shared with other jobs; the run is resumable (the same command",
              f"continues from `--work`). Wall time: {float(rows[-1][3]):.1f} min. Versions: torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, transformers {transformers.__version__}.", "",
              "Loss curve (`loss.csv` has every step: stage, step, loss, minutes):", "",
@@ -289,8 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="training state and loss log (resumes from it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--vae-batch", type=int, default=4, help="whole clips in a VAE step of clips")
+    parser.add_argument("--vae-frame-batch", type=int, default=16, help="single frames in the other VAE steps")
+    parser.add_argument("--vae-clip-every", type=int, default=4, help="every Nth VAE step trains on whole clips")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-eval-clips", type=int, default=32, help="held-out clips for the latent statistics")
     parser.add_argument("--steps", type=int, default=2000, help="transformer steps")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if not run.vae_done:
         run.train_vae()
     run.train_transformer(empty_prompt_embedding(run.text_encoder, Path(args.out)))
-    write_training_note(Path(args.out), Path(args.work), argv)
+    write_training_note(Path(args.out), Path(args.work), argv, args.threads)
     run.log(f"done: {run.step} transformer steps; wrote {args.out}")
 
 
