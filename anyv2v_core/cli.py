@@ -184,7 +184,7 @@ def check_edit_settings(args: argparse.Namespace, settings, frame_count: int | N
     local_model = Path(args.model).expanduser()
     if local_model.is_dir():
         name = detect_backbone(local_model)
-        defaults = backbone_defaults(name)
+        defaults = backbone_defaults(name, local_model)
         resolved = settings.resolved(defaults)
         if frame_count is not None:
             clip_frame_count(resolved, defaults, name, frame_count)

@@ -249,12 +249,12 @@ def backbone_class(name: str) -> type[Backbone]:
     return backbone
 
 
-def backbone_defaults(name: str) -> BackboneDefaults:
-    """The reference settings of a backbone, without loading any weights."""
+def backbone_defaults(name: str, folder: Path | None = None) -> BackboneDefaults:
+    """The reference settings of a backbone (of the model in `folder`, where given), without loading any weights."""
     if name in WAN_BACKBONES:
-        from .backbones.wan import WAN_DEFAULTS
+        from .backbones.wan import WAN_DEFAULTS, wan_defaults
 
-        return WAN_DEFAULTS[name]
+        return WAN_DEFAULTS[name] if folder is None else wan_defaults(folder)
     return backbone_class(name).defaults
 
 

@@ -135,6 +135,16 @@ def write_character_tokenizer(folder: Path, max_length: int = 512) -> None:
     fast.save_pretrained(folder)
 
 
+def tiny_umt5():
+    """A random UMT5 encoder, WAN_TEXT_DIM wide, for the character tokenizer's 98 ids."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=98, d_model=WAN_TEXT_DIM, d_kv=8, d_ff=32, num_layers=2,
+                                       num_heads=2, relative_attention_num_buckets=8,
+                                       relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0))
+
+
 def _randomise_zeros(module: torch.nn.Module) -> None:
     """diffusers zero-initialises some output layers; random values make every layer matter in tests."""
     with torch.no_grad():
@@ -218,7 +228,7 @@ def build_tiny_wan(folder: Path, kind: str = "wan2.1-i2v", *, seed: int = 0) -> 
     36-channel transformer), Wan 2.2 I2V A14B (two experts built from different seeds, boundary
     0.9), Wan 2.2 TI2V (a patchifying VAE with 16x spatial compression, expand_timesteps)."""
     from diffusers import AutoencoderKLWan
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if kind not in WAN_KINDS:
         raise ValueError(f"kind must be one of {WAN_KINDS}, got {kind!r}")
@@ -242,10 +252,7 @@ def build_tiny_wan(folder: Path, kind: str = "wan2.1-i2v", *, seed: int = 0) -> 
                                latents_mean=[0.05 * i - 0.4 for i in range(16)],
                                latents_std=[0.8 + 0.1 * i for i in range(16)])
     vae.save_pretrained(folder / "vae")
-    text = UMT5Config(vocab_size=98, d_model=WAN_TEXT_DIM, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
-                      eos_token_id=1, decoder_start_token_id=0)
-    UMT5EncoderModel(text).save_pretrained(folder / "text_encoder")
+    tiny_umt5().save_pretrained(folder / "text_encoder")
     write_character_tokenizer(folder / "tokenizer")
     if kind == "wan2.1-i2v":
         vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,

@@ -57,6 +57,10 @@ def _wan_defaults(size_wh: tuple[int, int], num_frames: int, fps: int, steps: in
 WAN21_I2V_DEFAULTS = _wan_defaults((832, 480), 81, 16, steps=20, cfg=5.0, shift=3.0, size_multiple=16)
 WAN22_I2V_DEFAULTS = _wan_defaults((1280, 720), 81, 16, steps=20, cfg=3.5, shift=5.0, size_multiple=16)
 WAN22_TI2V_DEFAULTS = _wan_defaults((1280, 704), 121, 24, steps=25, cfg=5.0, shift=5.0, size_multiple=32)
+# The toy Wan 2.2 TI2V of `anyv2v_core/toy/wan_weights` (its model_index.json says "anyv2v_toy"): its
+# world's clips (32x32, 9 frames), the shift it was trained for, no guidance (it was trained on the
+# empty prompt alone); the steps are chosen by benchmarks/toy_wan_eval.py (docs/wan.md).
+WAN_TOY_DEFAULTS = _wan_defaults((32, 32), 9, 8, steps=10, cfg=1.0, shift=1.0, size_multiple=8)
 
 # Which transformer blocks have their self-attention Q/K injected: all of them by default (a DiT has
 # no encoder/decoder hierarchy to pick the UNets' decoder half from; see docs/wan.md for the
@@ -343,6 +347,11 @@ class WanFolder:
     experts: tuple[str, ...] = field(default=("transformer",))
     boundary_ratio: float | None = None
     image_encoder: bool = False
+    toy: bool = False  # the toy Wan this repository ships and measures (`WAN_TOY_DEFAULTS`)
+
+    @property
+    def defaults(self) -> BackboneDefaults:
+        return WAN_TOY_DEFAULTS if self.toy else WAN_DEFAULTS[self.kind]
 
 
 WAN_PIPELINES = ("WanImageToVideoPipeline", "WanPipeline")
@@ -365,7 +374,7 @@ def inspect_wan_folder(folder: Path, model_index: dict) -> WanFolder:
     in_channels, out_channels = int(transformer["in_channels"]), int(transformer.get("out_channels") or 0)
     num_blocks = int(transformer.get("num_layers", 40))
     if model_index.get("expand_timesteps"):
-        return WanFolder(kind="wan2.2-ti2v", num_blocks=num_blocks)
+        return WanFolder(kind="wan2.2-ti2v", num_blocks=num_blocks, toy=bool(model_index.get("anyv2v_toy")))
     if in_channels == out_channels:
         raise ModelLoadError(
             f"{folder} holds a Wan text-to-video model ({in_channels} input channels, no first-frame input); AnyV2V "
@@ -386,7 +395,7 @@ def inspect_wan_folder(folder: Path, model_index: dict) -> WanFolder:
 def wan_defaults(folder: Path) -> BackboneDefaults:
     from ..loading import read_model_index
 
-    return WAN_DEFAULTS[inspect_wan_folder(folder, read_model_index(folder)).kind]
+    return inspect_wan_folder(folder, read_model_index(folder)).defaults
 
 
 def load_wan(folder: Path, model_index: dict, *, dtype: torch.dtype, device: torch.device, variant: str | None,
@@ -402,7 +411,7 @@ def load_wan(folder: Path, model_index: dict, *, dtype: torch.dtype, device: tor
 
     info = inspect_wan_folder(folder, model_index)
     blocks = attention_block_indices(attention_blocks, info.num_blocks)  # bad options fail before any weight loads
-    defaults = WAN_DEFAULTS[info.kind]
+    defaults = info.defaults
     schedule = FlowMatchingSchedule(shift=defaults.shift if shift is None else shift)
     weights = dict(torch_dtype=dtype, variant=variant, use_safetensors=use_safetensors)
     transformers = {name: WanTransformer3DModel.from_pretrained(folder, subfolder=name, **weights)

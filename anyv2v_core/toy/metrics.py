@@ -50,6 +50,7 @@ class EditScores:
     detected: float  # fraction of frames 1..F-1 where the edited colour is found
     colour_error: float  # RGB distance (0..1 scale) of the shape's interior to the edited colour
     background_flicker: float  # mean |frame_t+1 - frame_t| over pixels no object touches (0..1 scale)
+    background_error: float  # mean |output - ideal| over pixels no object touches (0..1 scale): background kept
     psnr_to_ideal: float  # dB against the ideal edit rendered by the world
 
 
@@ -79,7 +80,9 @@ def score_edit(output: np.ndarray, edited_scene: world.Scene, index: int) -> Edi
         background &= ~shape_masks(edited_scene, other, grow=3.0)
     still = background[1:] & background[:-1]
     flicker = float(np.abs(output[1:] - output[:-1]).mean(axis=-1)[still].mean())
+    ideal = world.render(edited_scene)
     return EditScores(
         centroid_error=float(errors.mean()), detected=float(1 - lost.mean()), colour_error=colour_error,
-        background_flicker=flicker, psnr_to_ideal=psnr(output, world.render(edited_scene)),
+        background_flicker=flicker, background_error=float(np.abs(output - ideal).mean(axis=-1)[background].mean()),
+        psnr_to_ideal=psnr(output, ideal),
     )

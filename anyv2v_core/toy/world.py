@@ -117,6 +117,28 @@ def make_scene(seed: int, *, size: int = 64, num_frames: int = 8, max_objects: i
     return Scene(size=size, num_frames=num_frames, background=background, objects=tuple(objects))
 
 
+# The flow world of the toy Wan (`wan_train.py`): one shape on a plain background, its velocity
+# drawn from a small set (8 headings x 2 speeds), so a model given only the first frame has to
+# pick one of 16 motions and only the source video can tell it which.
+FLOW_SIZE, FLOW_FRAMES = 32, 9
+FLOW_SPEEDS = (0.75, 1.5)  # pixels per frame
+FLOW_HEADINGS = 8  # directions, every 45 degrees
+
+
+def make_flow_scene(seed: int, *, size: int = FLOW_SIZE, num_frames: int = FLOW_FRAMES) -> Scene:
+    """The one-shape scene of flow-world clip `seed` (all randomness from a Generator seeded with `seed`)."""
+    rng = np.random.default_rng(seed)
+    grey = rng.uniform(0.15, 0.45, size=3)
+    shape_size = float(rng.uniform(0.22, 0.34) * size)
+    speed = FLOW_SPEEDS[int(rng.integers(len(FLOW_SPEEDS)))]
+    heading = 2 * math.pi * int(rng.integers(FLOW_HEADINGS)) / FLOW_HEADINGS
+    start = tuple(float(v) for v in rng.uniform(shape_size / 2, size - shape_size / 2, size=2))
+    spec = ShapeSpec(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(COLOURS))), size=shape_size,
+                     start=start, velocity=(speed * math.cos(heading), speed * math.sin(heading)))
+    return Scene(size=size, num_frames=num_frames, background=Background(tuple(grey), tuple(grey), 0.0),
+                 objects=(spec,))
+
+
 def _coverage(spec: ShapeSpec, centre: np.ndarray, size: int) -> np.ndarray:
     """Anti-aliased coverage [H, W] in 0..1 of one shape centred at `centre` (x, y)."""
     pixels = np.arange(size, dtype=np.float32)
