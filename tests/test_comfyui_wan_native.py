@@ -44,8 +44,16 @@ torch.manual_seed(0)
 
 
 class StandInVAE:
-    # Wan 2.1's latent layout: 16 channels, 8x smaller, 1 + (F - 1) / 4 latent frames
+    # Wan 2.1's latent layout: 16 channels, 8x smaller, 1 + (F - 1) / 4 latent frames, reported as ComfyUI's VAE
+    # object reports its layout
     projection = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    latent_channels = 16
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def temporal_compression_decode(self):
+        return 4
 
     def encode(self, pixels):  # [F, H, W, 3] -> [1, 16, F', H/8, W/8]
         frames = pixels[::4] if pixels.shape[0] > 1 else pixels
