@@ -128,7 +128,7 @@ class Run:
         self.minutes = 0.0  # of earlier sessions of this run
         state_file = self.work / "state.pt"
         if state_file.is_file():
-            state = torch.load(state_file, weights_only=False)
+            state = torch.load(state_file, weights_only=True)  # state dicts, numbers and lists only
             for name in ("transformer", "ema", "vae", "vae_optimizer", "optimizer"):
                 getattr(self, name).load_state_dict(state[name])
             self.vae_step, self.step, self.vae_done, self.minutes = (state["vae_step"], state["step"],
