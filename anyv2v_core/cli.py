@@ -160,7 +160,7 @@ def run_batch(args: argparse.Namespace) -> int:
 def edit_settings(args: argparse.Namespace):
     """The `edit` options as EditSettings."""
     from .injection import InjectionSettings
-    from .pipeline import EditSettings
+    from .plan import EditSettings
     from .windows import ContextWindows
 
     return EditSettings(
@@ -179,7 +179,7 @@ def check_edit_settings(args: argparse.Namespace, settings, frame_count: int | N
     is a local folder (a repo id is checked once downloaded); with the source's frame count, its
     frame rules too."""
     from .loading import backbone_defaults, detect_backbone
-    from .pipeline import clip_frame_count
+    from .plan import clip_frame_count
 
     local_model = Path(args.model).expanduser()
     if local_model.is_dir():

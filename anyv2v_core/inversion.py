@@ -8,7 +8,6 @@ disk; we keep in memory only the latents at the noise levels that sampling will 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +16,9 @@ import torch
 from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
 from .memory import guard_out_of_memory
+from .plan import InversionPlan, plan_inversion
 from .schedule import Level
-from .video import check_frames
-from .windows import ContextWindows, check_frame_count, predict_in_windows
+from .windows import ContextWindows, predict_in_windows
 
 Progress = Callable[[int, int], None]
 
@@ -68,18 +67,6 @@ def check_finite(latents: torch.Tensor, stage: str, backbone: Backbone) -> None:
             "fewer steps or a lower cfg do not help")
 
 
-def start_level(backbone: Backbone, inversion_steps: int, sampling_steps: int, start_index: int = 0,
-                order: int = 1) -> Level:
-    """Noise level of the inverted latent that sampling starts from (see `Backbone.start_timestep`)."""
-    schedule = backbone.schedule
-    first = schedule.sampling_steps(sampling_steps, order=order)[start_index].start
-    if start_index or backbone.start_timestep is None:
-        return first
-    reached = [step.end for step in schedule.inversion_steps(inversion_steps, sampling_steps, order)]
-    return max([level for level in reached if level <= backbone.start_timestep], default=first)
-
-
-@guard_out_of_memory("inversion")
 def invert_video(
     backbone: Backbone,
     frames: torch.Tensor,
@@ -93,56 +80,58 @@ def invert_video(
     order: int | None = None,
     source_row: RowCondition | None = None,
 ) -> Inversion:
-    """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise.
+    """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise: plan the
+    inversion (`plan.plan_inversion`, which checks every argument) and run it."""
+    plan = plan_inversion(backbone, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps, fps=fps,
+                          windows=windows, order=order)
+    return run_inversion(backbone, plan, progress=progress, generator=generator, source_row=source_row)
+
+
+@guard_out_of_memory("inversion")
+def run_inversion(
+    backbone: Backbone,
+    plan: InversionPlan,
+    *,
+    progress: Progress | None = None,
+    generator: torch.Generator | None = None,
+    source_row: RowCondition | None = None,
+) -> Inversion:
+    """Run a checked inversion plan.
 
     `generator` samples the VAE posterior instead of taking its mean (the reference samples it
-    from the global RNG; the mean is the deterministic default). `windows` runs every model
-    evaluation over temporal context windows (`windows.py`); sampling then uses the same windows.
-    `order` is the solver order (None: the backbone's); sampling later uses the same.
-    `source_row` is the source branch's conditioning when the caller built it (a host whose own
-    nodes encode the empty prompt); None: the backbone conditions the first frame and "".
+    from the global RNG; the mean is the deterministic default). `source_row` is the source
+    branch's conditioning when the caller built it (a host whose own nodes encode the empty
+    prompt); None: the backbone conditions the first frame and "".
     """
-    if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-        raise AnyV2VError(f"fps must be positive (got {fps!r}); I2V models use 8 as their default")
-    order = backbone.inversion_order if order is None else order
-    schedule = backbone.schedule
-    schedule.check_inversion_steps(inversion_steps, sampling_steps, order)  # the order too
-    frames = check_frames(frames, "source frames", min_frames=2)
-    backbone.check_video_shape(int(frames.shape[0]), (int(frames.shape[2]), int(frames.shape[1])))
-    check_frame_count(backbone, int(frames.shape[0]), windows)
-    windows = backbone.latent_windows(windows)
-    keep = schedule.source_levels(sampling_steps, order=order)
-    keep.add(start_level(backbone, inversion_steps, sampling_steps, order=order))
-    num_frames = int(frames.shape[0])
-    source_first_frame = frames[:1]
-    source_condition = source_row or backbone.condition(source_first_frame, "", num_frames=num_frames, fps=fps)
+    source_first_frame = plan.frames[:1]
+    source_condition = source_row or backbone.condition(source_first_frame, "", num_frames=plan.num_frames,
+                                                        fps=plan.fps)
     kept: dict[Level, torch.Tensor] = {}
 
     def evaluate(latents: torch.Tensor, time: float, level: Level) -> torch.Tensor:
-        if level in keep:
+        if level in plan.keep:
             kept[level] = latents.to("cpu", copy=True)
-        return predict_in_windows(backbone, latents, time, [source_condition], windows)
+        return predict_in_windows(backbone, latents, time, [source_condition], plan.windows)
 
     # the sampling state: latent frames the model generates (conditioning frames are not inverted)
-    latents = backbone.encode_video(frames, generator=generator)[:, :, backbone.conditioning_frames:]
-    steps = schedule.inversion_steps(inversion_steps, sampling_steps, order)
+    latents = backbone.encode_video(plan.frames, generator=generator)[:, :, backbone.conditioning_frames:]
     with torch.inference_mode():
-        for done, step in enumerate(steps, start=1):
+        for done, step in enumerate(plan.steps, start=1):
             latents = step.invert(latents, evaluate)
             if progress is not None:
-                progress(done, len(steps))
+                progress(done, len(plan.steps))
     check_finite(latents, "the inversion", backbone)
-    if steps[-1].end in keep:
-        kept[steps[-1].end] = latents.to("cpu", copy=True)
+    if plan.steps[-1].end in plan.keep:
+        kept[plan.steps[-1].end] = latents.to("cpu", copy=True)
     return Inversion(
         latents=kept,
         source_condition=source_condition,
         source_first_frame=source_first_frame,
         backbone_name=backbone.name,
-        num_frames=num_frames,
-        fps=fps,
-        inversion_steps=inversion_steps,
-        sampling_steps=sampling_steps,
-        windows=windows,
-        order=order,
+        num_frames=plan.num_frames,
+        fps=plan.fps,
+        inversion_steps=plan.inversion_steps,
+        sampling_steps=plan.sampling_steps,
+        windows=plan.windows,
+        order=plan.order,
     )

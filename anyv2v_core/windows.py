@@ -15,17 +15,22 @@ windows take the edit through the overlaps, the injected source features and the
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from .backbones.base import Backbone, RowCondition
 from .errors import AnyV2VError
 
-logger = logging.getLogger("AnyV2V")
+Row = TypeVar("Row")  # a backbone's RowCondition (`backbones/base.py`, which builds on this module)
+
+
+class Predicts(Protocol):
+    """The part of a backbone (`Backbone.predict`) that windows call."""
+
+    def predict(self, latents: torch.Tensor, timestep: Any, rows: Sequence[Any]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -63,39 +68,14 @@ class ContextWindows:
         return weights
 
 
-# Frames per UNet call, as multiples of the backbone's training length: above WARN_FACTOR the
-# temporal layers see clips much longer than any they were trained on (quality drops); above
-# MAX_FACTOR the call is refused, since no accelerator holds it and the result would be unusable.
-WARN_FACTOR, MAX_FACTOR = 2, 8
-
-
-def check_frame_count(backbone: Backbone, num_frames: int, windows: ContextWindows | None) -> None:
-    """Refuse (or warn about) more frames per UNet call than the backbone can handle, naming the windows option."""
-    native = backbone.defaults.num_frames
-    per_call = num_frames if windows is None else min(num_frames, windows.length)
-    if per_call <= WARN_FACTOR * native:
-        return
-    if windows is None:
-        fix = (f"edit the clip in temporal windows of {native} frames (node window_length {native}, CLI --window {native}, "
-               f"windows=ContextWindows({native}, 4)) or edit fewer frames")
-        what = f"{num_frames} frames at once"
-    else:
-        fix = f"use windows of {native} frames, the length {backbone.name} was trained on"
-        what = f"windows of {windows.length} frames"
-    message = f"{what} exceed {{}}x the {native} frames {backbone.name} was trained on; {fix}"
-    if per_call > MAX_FACTOR * native:
-        raise AnyV2VError(message.format(MAX_FACTOR))
-    logger.warning(message.format(WARN_FACTOR) + " (quality drops and memory grows with the frame count)")
-
-
-def window_row(row: RowCondition, start: int, end: int) -> RowCondition:
+def window_row(row: Row, start: int, end: int) -> Row:
     """The row's conditioning for frames [start, end): fields named in `frame_fields` are sliced."""
     sliced = {name: getattr(row, name)[:, :, start:end] for name in row.frame_fields}
     return dataclasses.replace(row, **sliced)
 
 
-def predict_in_windows(backbone: Backbone, latents: torch.Tensor, timestep: int, rows: Sequence[RowCondition],
-            windows: ContextWindows | None) -> torch.Tensor:
+def predict_in_windows(backbone: Predicts, latents: torch.Tensor, timestep: Any, rows: Sequence[Any],
+                       windows: ContextWindows | None) -> torch.Tensor:
     """`backbone.predict`, over temporal windows when `windows` is set. Latents [B, C, F, h, w]."""
     num_frames = latents.shape[2]
     if windows is None or num_frames <= windows.length:

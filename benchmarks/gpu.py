@@ -47,7 +47,7 @@ from anyv2v_core.errors import AnyV2VError, AnyV2VOutOfMemory  # noqa: E402
 from anyv2v_core.injection import InjectionSettings  # noqa: E402
 from anyv2v_core.inversion import invert_video  # noqa: E402
 from anyv2v_core.memory import OFFLOAD_POLICIES  # noqa: E402
-from anyv2v_core.pipeline import EditSettings  # noqa: E402
+from anyv2v_core.plan import EditSettings  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
 from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video, write_character_tokenizer, write_tokenizer  # noqa: E402
 from anyv2v_core.windows import ContextWindows  # noqa: E402

@@ -45,7 +45,7 @@ from overhead import markdown  # noqa: E402  (benchmarks/ is this script's folde
 
 from anyv2v_core.memory import (  # noqa: E402
     OFFLOAD_POLICIES, RESERVED_BYTES, ActivationProfile, policy_peaks, weight_bytes)
-from anyv2v_core.windows import MAX_FACTOR  # noqa: E402
+from anyv2v_core.plan import MAX_FACTOR  # noqa: E402
 
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "model-configs"

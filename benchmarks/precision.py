@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from overhead import markdown  # noqa: E402  (benchmarks/ is this script's folder)
 
-from anyv2v_core.pipeline import EditSettings, edit  # noqa: E402
+from anyv2v_core.pipeline import edit  # noqa: E402
+from anyv2v_core.plan import EditSettings  # noqa: E402
 from anyv2v_core.video import read_frames  # noqa: E402
 
 ORACLES = Path(os.environ.get("ANYV2V_ORACLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "oracle"))

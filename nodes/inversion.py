@@ -120,15 +120,17 @@ class DDIMInvertVideo:
 
     def invert(self, backbone, source_frames, width, height, resize, frame_count, fps, inversion_steps,
                sampling_steps, window_length, window_overlap):
-        from anyv2v_core.inversion import invert_video
+        from anyv2v_core.inversion import run_inversion
+        from anyv2v_core.plan import plan_inversion
         from anyv2v_core.video import prepare_frames
 
         windows = context_windows(window_length, window_overlap)
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
+        plan = plan_inversion(backbone.backbone, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
+                              fps=fps, windows=windows)
         with host.on_compute_device(backbone, frames=host.frames_per_call(backbone.backbone, frame_count, windows),
                                     size_wh=(width, height), rows=1) as model:
-            inversion = invert_video(model, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
-                                     fps=fps, windows=windows, progress=host.progress_bar(inversion_steps))
+            inversion = run_inversion(model, plan, progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)
         source_wh = (int(source_frames.shape[2]), int(source_frames.shape[1]))
         return (SourceInversion(inversion=inversion, resize=resize, source_wh=source_wh),)

@@ -62,7 +62,8 @@ class InjectedSampler:
 
     def sample(self, backbone, features, edited_first_frame, prompt, negative_prompt, cfg, decode_chunk_size,
                sampler, ddpm_seed):
-        from anyv2v_core.sampling import sample_edit
+        from anyv2v_core.plan import plan_sampling
+        from anyv2v_core.sampling import run_sampling
         from anyv2v_core.video import prepare_first_frame
 
         defaults = backbone.backbone.defaults
@@ -71,13 +72,14 @@ class InjectedSampler:
         inversion = features.source.inversion
         first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
                                           source_wh=features.source.source_wh)
+        plan = plan_sampling(backbone.backbone, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
+                             injection=features.injection_for(backbone.backbone), cfg=cfg,
+                             start_index=features.start_index, sampler=None if sampler == "auto" else sampler,
+                             seed=ddpm_seed)
         frames = host.frames_per_call(backbone.backbone, inversion.num_frames, inversion.windows)
         with host.on_compute_device(backbone, frames=frames, size_wh=inversion.size_wh, rows=3,
                                     decode_chunk_size=decode_chunk_size) as model:
-            latents = sample_edit(model, inversion, first_frame, prompt=prompt, negative_prompt=negative_prompt,
-                                  injection=features.injection_for(model), cfg=cfg, start_index=features.start_index,
-                                  sampler=None if sampler == "auto" else sampler, seed=ddpm_seed,
-                                  progress=host.progress_bar(inversion.sampling_steps - features.start_index))
+            latents = run_sampling(model, inversion, plan, progress=host.progress_bar(len(plan.steps)))
             host.check_interrupted()
             frames = model.decode(latents, decode_chunk_size, progress=host.progress_bar(latents.shape[2]))
         return (frames, float(inversion.fps))

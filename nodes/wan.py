@@ -151,16 +151,18 @@ class AnyV2VFlowInvertVideo:
                window_overlap, empty_prompt=None, clip_vision_output=None):
         from anyv2v_core.errors import AnyV2VError
         from anyv2v_core.flow_schedule import FlowMatchingSchedule
-        from anyv2v_core.inversion import invert_video, start_level
+        from anyv2v_core.inversion import run_inversion
+        from anyv2v_core.plan import plan_inversion
         from anyv2v_core.video import prepare_frames
 
         model = backbone.backbone
         if not isinstance(model.schedule, FlowMatchingSchedule):
             raise AnyV2VError(f"backbone: {model.name} is not a rectified-flow model; invert it with DDIMInvertVideo")
-        model.check_video_shape(frame_count, (width, height))
         windows = context_windows(window_length, window_overlap)
-        model.latent_windows(windows)  # refuses windows the model cannot take before the conditioning is encoded
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
+        # before the conditioning is encoded
+        plan = plan_inversion(model, frames, inversion_steps=steps, sampling_steps=steps, fps=fps, order=ORDERS[order],
+                              windows=windows)
         source_row = None
         if backbone.offload == COMFYUI_MANAGED:
             if empty_prompt is None:
@@ -169,10 +171,8 @@ class AnyV2VFlowInvertVideo:
                                            clip_vision_output=clip_vision_output)
         with host.on_compute_device(backbone, frames=host.frames_per_call(model, frame_count, windows),
                                     size_wh=(width, height), rows=1) as running:
-            inversion = invert_video(running, frames, inversion_steps=steps, sampling_steps=steps, fps=fps,
-                                     order=ORDERS[order], windows=windows,
-                                     source_row=source_row, progress=host.progress_bar(steps))
-        start = inversion.latent_at(start_level(running, steps, steps, order=inversion.order))
+            inversion = run_inversion(running, plan, source_row=source_row, progress=host.progress_bar(steps))
+        start = inversion.latent_at(plan.start)
         noise = InvertedNoise(running.video_latents(start, inversion.source_condition))
         source_wh = (int(source_frames.shape[2]), int(source_frames.shape[1]))
         return (SourceInversion(inversion=inversion, resize=resize, source_wh=source_wh), noise)
@@ -213,7 +213,8 @@ class AnyV2VWanSampler:
 
     def sample(self, backbone, features, positive, negative, edited_first_frame, cfg, clip_vision_output=None):
         from anyv2v_core.errors import AnyV2VError
-        from anyv2v_core.sampling import sample_edit
+        from anyv2v_core.plan import plan_sampling
+        from anyv2v_core.sampling import run_sampling
         from anyv2v_core.video import prepare_first_frame
 
         if backbone.offload != COMFYUI_MANAGED:
@@ -225,14 +226,14 @@ class AnyV2VWanSampler:
         model, inversion = backbone.backbone, features.source.inversion
         first_frame = prepare_first_frame(edited_first_frame, size_wh=inversion.size_wh, resize=features.source.resize,
                                           source_wh=features.source.source_wh)
+        plan = plan_sampling(model, inversion, first_frame, prompt="", negative_prompt="",
+                             injection=features.injection_for(model), cfg=cfg, start_index=features.start_index)
         rows = model.rows_for(first_frame, positive, negative, num_frames=inversion.num_frames,
                               clip_vision_output=clip_vision_output)
         with host.on_compute_device(backbone, frames=host.frames_per_call(model, inversion.num_frames, inversion.windows),
                                     size_wh=inversion.size_wh, rows=3) as running:
-            latents = sample_edit(running, inversion, first_frame, prompt="", negative_prompt="",
-                                  injection=features.injection_for(running), cfg=cfg, start_index=features.start_index,
-                                  edit_rows=tuple(rows),
-                                  progress=host.progress_bar(inversion.sampling_steps - features.start_index))
+            latents = run_sampling(running, inversion, plan, edit_rows=tuple(rows),
+                                   progress=host.progress_bar(len(plan.steps)))
         return (running.latent_output(latents), float(inversion.fps))
 
 

@@ -129,7 +129,8 @@ def test_an_edit_writes_no_file(tiny_model_dir, tmp_path, monkeypatch):
     import tempfile
 
     from anyv2v_core.loading import load_backbone
-    from anyv2v_core.pipeline import EditSettings, edit
+    from anyv2v_core.pipeline import edit
+    from anyv2v_core.plan import EditSettings
 
     places = {name: tmp_path / name for name in ("cwd", "home", "cache", "hf", "tmp")}
     for place in places.values():

@@ -9,7 +9,8 @@ import torch
 
 from anyv2v_core.backbones.seine import load_seine
 from anyv2v_core.loading import load_backbone
-from anyv2v_core.pipeline import EditSettings, edit
+from anyv2v_core.pipeline import edit
+from anyv2v_core.plan import EditSettings
 from anyv2v_core.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
 from conftest import oracle_path
 

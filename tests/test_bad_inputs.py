@@ -23,7 +23,8 @@ from anyv2v_core.backbones.base import InjectionLayers
 from anyv2v_core.errors import AnyV2VError, ModelLoadError
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.inversion import Inversion, invert_video
-from anyv2v_core.pipeline import EditSettings, edit
+from anyv2v_core.pipeline import edit
+from anyv2v_core.plan import EditSettings
 from anyv2v_core.sampling import sample_edit
 from anyv2v_core.tiny_models import moving_square_video
 from anyv2v_core.windows import ContextWindows
@@ -133,7 +134,7 @@ def test_edited_first_frame_of_another_aspect_ratio_is_resized_with_a_warning(ca
 
 
 def test_long_clips_at_once_warn_and_name_the_windows(tiny_backbone, caplog):
-    from anyv2v_core.windows import check_frame_count
+    from anyv2v_core.plan import check_frame_count
 
     with caplog.at_level(logging.WARNING, logger="AnyV2V"):
         check_frame_count(tiny_backbone, 32, None)  # 2x the training length: fine
@@ -180,8 +181,8 @@ SETTING_CASES = {
                              "fps must be positive"),
     "fps NaN (invert_video)": (lambda b: invert_video(b, SOURCE, inversion_steps=4, sampling_steps=2,
                                                       fps=float("nan")), "fps must be positive"),
-    "seed negative": (lambda b: EditSettings(seed=-1), r"seed must be in 0\.\.2\*\*64-1"),
-    "seed above 64 bits": (lambda b: EditSettings(seed=2**64), r"seed must be in 0\.\.2\*\*64-1"),
+    "seed negative": (lambda b: EditSettings(seed=-1), r"seed must be an integer in 0\.\.2\*\*64-1"),
+    "seed above 64 bits": (lambda b: EditSettings(seed=2**64), r"seed must be an integer in 0\.\.2\*\*64-1"),
     "seed above 64 bits (sample_edit)": (lambda b: run_sample(b, seed=2**64), r"seed must be an integer in 0\.\.2\*\*64-1"),
     "size not a multiple of 8": (lambda b: EditSettings(size_wh=(30, 32)), "30x32 is not usable.*multiples of 8"),
     "size 0": (lambda b: EditSettings(size_wh=(0, 0)), "multiples of 8"),

@@ -18,7 +18,8 @@ from anyv2v_core.device_standin import OnStandIn, StandInDevice
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.loading import BACKBONES, backbone_defaults
 from anyv2v_core.memory import DENOISERS, OFFLOAD_POLICIES
-from anyv2v_core.pipeline import EditSettings, edit
+from anyv2v_core.pipeline import edit
+from anyv2v_core.plan import EditSettings
 from anyv2v_core.tiny_models import moving_square_video
 from tiny_backbones import TINY_BACKBONES
 

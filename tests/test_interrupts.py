@@ -18,7 +18,8 @@ import torch
 from anyv2v_core.errors import AnyV2VOutOfMemory
 from anyv2v_core.injection import InjectionSettings, has_injection_hooks
 from anyv2v_core.inversion import invert_video
-from anyv2v_core.pipeline import EditSettings, edit
+from anyv2v_core.pipeline import edit
+from anyv2v_core.plan import EditSettings
 from anyv2v_core.sampling import sample_edit
 from anyv2v_core.tiny_models import moving_square_video
 

@@ -15,7 +15,8 @@ from anyv2v_core.loading import load_backbone
 from anyv2v_core.memory import (
     OFFLOAD_POLICIES, Offloader, auto_policy, available_memory, guard_out_of_memory, is_out_of_memory,
     streamed_denoiser_bytes, weight_bytes)
-from anyv2v_core.pipeline import EditSettings, edit
+from anyv2v_core.pipeline import edit
+from anyv2v_core.plan import EditSettings
 from anyv2v_core.tiny_models import moving_square_video
 from tiny_backbones import TINY_BACKBONES
 

@@ -281,7 +281,8 @@ def test_sampler_decodes_the_same_frames_in_chunks(pack, nodes, graph, edited_fr
 
 def test_graph_equals_pipeline_edit(pack, nodes, graph, source_frames, edited_frame):
     from anyv2v_core.injection import InjectionSettings
-    from anyv2v_core.pipeline import EditSettings, edit
+    from anyv2v_core.pipeline import edit
+    from anyv2v_core.plan import EditSettings
     from anyv2v_core.windows import ContextWindows
 
     backbone, _, _ = graph

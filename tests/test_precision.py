@@ -173,7 +173,8 @@ def test_a_half_precision_encode_that_overflows_is_redone_in_float32(tiny_model_
 def test_nan_latents_after_inversion_or_sampling_are_a_clear_error_not_a_black_video(tiny_model_dir, phase):
     from anyv2v_core.errors import AnyV2VError
     from anyv2v_core.loading import load_backbone
-    from anyv2v_core.pipeline import EditSettings, edit, invert_source
+    from anyv2v_core.pipeline import edit, invert_source
+    from anyv2v_core.plan import EditSettings
     from anyv2v_core.tiny_models import moving_square_video
 
     backbone = load_backbone(tiny_model_dir)

@@ -238,7 +238,7 @@ def test_a_frame_count_of_zero_is_refused_at_every_entry_never_read_as_all_frame
     """Mutations: prepare-frames-zero-means-all, edit-settings-zero-frames-means-all."""
     from anyv2v_core.batch.jobs import read_jobs
     from anyv2v_core.cli import main
-    from anyv2v_core.pipeline import EditSettings
+    from anyv2v_core.plan import EditSettings
     from anyv2v_core.video import prepare_frames
 
     with pytest.raises(AnyV2VError, match="frame count 0 is too small"):

@@ -189,7 +189,8 @@ def test_seeded_ddpm_and_ddim_samplers_are_replayable(backbone, source_frames, i
 
 def test_edit_starts_from_the_noisiest_saved_latent(backbone, source_frames, inversion_data):
     """SEINE's reference starts its edit from the inverted latent at t=997, beyond the first step's 981."""
-    from anyv2v_core.inversion import Inversion, start_level
+    from anyv2v_core.inversion import Inversion
+    from anyv2v_core.plan import start_level
     from anyv2v_core.sampling import sample_edit
 
     assert start_level(backbone, 500, 50) == 997

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import InjectionSettings
-from anyv2v_core.pipeline import EditSettings
-from anyv2v_core.sampling import check_sampling_settings
+from anyv2v_core.plan import EditSettings
+from anyv2v_core.plan import check_sampling_settings
 from anyv2v_core.diffusion_schedule import DiffusionSchedule
 from anyv2v_core.tiny_models import SCHEDULER_CONFIG
 from anyv2v_core.video import check_size

@@ -23,10 +23,10 @@ from ..flow_schedule import SigmaSpacing
 from ..errors import AnyV2VError
 from ..schedule import NoiseSchedule
 from ..video import check_size
+from ..windows import ContextWindows
 
 if TYPE_CHECKING:
     from ..memory import ActivationProfile
-    from ..windows import ContextWindows
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,6 @@ class Backbone(ABC):
         `unconditional` marks the negative row of classifier-free guidance, for models whose
         negative row also drops image information (I2VGen-XL zeroes the CLIP image embedding).
         """
-
-    def check_video_shape(self, num_frames: int, size_wh: tuple[int, int]) -> None:
-        """Raise AnyV2VError when the model cannot take a clip of this many frames at this size."""
-        self.defaults.check_clip(self.name, num_frames, size_wh)
 
     def latent_windows(self, windows: ContextWindows | None) -> ContextWindows | None:
         """Temporal windows counted in video frames, as windows over the latents' frame axis (the

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..injection import InjectionSettings
-from ..pipeline import EditSettings, edit
+from ..pipeline import edit
+from ..plan import EditSettings
 from . import world
 from .metrics import EditScores, score_edit
 from .train import FPS, HELD_OUT_SEED
