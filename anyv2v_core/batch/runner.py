@@ -25,12 +25,12 @@ from typing import TextIO
 
 import torch
 
-from ..cli import backbone_options, edit_settings
 from ..errors import AnyV2VError, AnyV2VOutOfMemory
 from ..inversion import Inversion
+from ..options import OUTPUT_KEYS, backbone_options, edit_settings
 from ..pipeline import EditSettings, edit, invert_source
 from ..video import read_frames, read_image, write_image, write_video
-from .jobs import OUTPUT_KEYS, Job, JobFailure, read_jobs
+from .jobs import Job, JobFailure, read_jobs
 from .store import (RESULT_FILE, FailureLog, InversionCache, commit_result, inversion_key, is_finished, prepare_output,
                     remove_leftovers)
 
@@ -88,7 +88,7 @@ class EditWorker:
                               inversion=inversion)
         record = {
             "id": job.id, "line": job.line, "worker": self.name,
-            "options": {key: value for key, value in vars(args).items() if key not in OUTPUT_KEYS + ("command",)},
+            "options": {key: value for key, value in vars(args).items() if key not in OUTPUT_KEYS},
             "settings": dataclasses.asdict(settings), "backbone": backbone.name,
             "frames": int(result.frames.shape[0]), "fps": result.fps,
             "inversion": {"key": inversion_key, "origin": inversion_origin},
