@@ -2,7 +2,7 @@
 the keys a batch job line holds (the same options, `_` for `-`), and how both become the engine's
 `EditSettings` and `load_backbone`'s arguments, checked before any model loads.
 
-The CLI (`cli.py`) and the batch (`batch/jobs.py`, `batch/runner.py`) both import this module.
+The CLI (`cli.py`) and the batch (`batch/jobs.py`, `batch/worker.py`) both import this module.
 """
 
 from __future__ import annotations
