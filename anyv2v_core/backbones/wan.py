@@ -356,7 +356,7 @@ class WanFolder:
 
     @property
     def components(self) -> dict[str, str | None]:
-        """The component folders the folder must hold (`folders.check_components`): the experts and
+        """The component folders a Wan folder must hold (`folders.check_components`): its experts and
         the CLIP parts it declares."""
         components: dict[str, str | None] = {name: "diffusion_pytorch_model" for name in self.experts}
         components.update(vae="diffusion_pytorch_model", text_encoder="model", tokenizer=None, scheduler=None)
