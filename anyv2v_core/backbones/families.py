@@ -10,6 +10,7 @@ a backbone.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .base import Backbone, BackboneDefaults
 
 
-class BackboneFamily:
+class BackboneFamily(ABC):
     """One family of backbones. A folder is this family's when it holds one of `marker_files`
     (checked first, before model_index.json is read) or when its model_index.json declares one of
     `pipeline_classes`; `name_in` then says which of the family's backbones it holds."""
@@ -42,17 +43,18 @@ class BackboneFamily:
         """The backbone a folder of this family holds (read from its configs, no weights)."""
         return self.names[0]
 
+    @abstractmethod
     def backbone_class(self, name: str) -> type[Backbone]:
-        raise NotImplementedError
+        """The class of backbone `name`, without loading any weights."""
 
     def defaults(self, name: str, folder: Path | None = None) -> BackboneDefaults:
         """The reference settings of backbone `name` (of the model in `folder`, where given)."""
         return self.backbone_class(name).defaults
 
+    @abstractmethod
     def load(self, folder: Path, *, dtype: torch.dtype, device: torch.device, variant: str | None,
              allow_pickle: bool, **options) -> Backbone:
         """The backbone in `folder`, its weights read onto `device` in `dtype`, in eval mode."""
-        raise NotImplementedError
 
 
 class I2VGenXLFamily(BackboneFamily):
