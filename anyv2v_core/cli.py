@@ -14,86 +14,15 @@ import time
 from pathlib import Path
 
 from .errors import AnyV2VError, AnyV2VOutOfMemory
+from .options import add_edit_arguments, backbone_options, check_edit_settings, edit_settings
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512 (width x height), got {text!r}") from None
-    return width, height
-
-
-def _tau(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a tau is a fraction of the steps in [0, 1], got {value}")
-    return value
-
-
-def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The CLI's parser; `parser_class` builds it and its subcommands (e.g. one whose errors raise
-    instead of exiting, to parse `edit` options that do not come from the command line)."""
-    parser = parser_class(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m anyv2v_core", description="AnyV2V: tuning-free video editing.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="edit a video from an edited first frame and a prompt")
-    edit.add_argument("--model", required=True,
-                      help="model folder (diffusers I2VGen-XL, ConsistI2V, Wan 2.1/2.2 image-to-video; SEINE) or repo id")
-    edit.add_argument("--video", required=True, type=Path, help="source video file or folder of frames (sorted by name)")
-    edit.add_argument("--edited-first-frame", required=True, type=Path, help="the edited first frame (PNG/JPEG)")
-    edit.add_argument("--prompt", required=True, help="text describing the edited video")
-    edit.add_argument("--out", required=True, type=Path, help="output .mp4")
-    edit.add_argument("--negative-prompt", default=None, help="default: the paper's negative prompt")
-    edit.add_argument("--inversion-steps", type=int, default=None,
-                      help="inversion steps (default: the model's; 500 for I2VGen-XL, the sampling steps for Wan)")
-    edit.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; 50, Wan 40-50)")
-    edit.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; "
-                                                              "9.0 for I2VGen-XL, 5.0 for Wan 2.1)")
-    edit.add_argument("--start-index", type=int, default=None, help="first sampling step (T' in the paper, default 0)")
-    edit.add_argument("--conv-tau", type=_tau, default=0.2, help="fraction of steps with conv injection")
-    edit.add_argument("--spatial-tau", type=_tau, default=0.2, help="fraction of steps with spatial Q/K injection")
-    edit.add_argument("--temporal-tau", type=_tau, default=0.5, help="fraction of steps with temporal Q/K injection")
-    edit.add_argument("--attention-tau", type=_tau, default=0.5,
-                      help="Wan: fraction of steps with Q/K injection in the joint space-time self-attention, which "
-                           "does the work of the UNets' spatial and temporal ones (the conv/spatial/temporal taus "
-                           "do not apply to Wan, this one not to the UNets)")
-    edit.add_argument("--attention-blocks", default="all",
-                      help="Wan: transformer blocks whose self-attention is injected: all, early, late, or indices "
-                           "like 0-9,20")
-    edit.add_argument("--inversion-order", type=int, choices=(1, 2), default=None,
-                      help="Wan: solver order of the inversion and of the matching sampler, 1 = Euler, 2 = midpoint "
-                           "(two model calls per step, far more exact; default 2). UNet backbones invert with DDIM (1)")
-    edit.add_argument("--shift", type=float, default=None,
-                      help="Wan: sigma shift of the noise schedule (default: the official 3.0 for Wan 2.1 at 480p, "
-                           "5.0 for 720p, Wan 2.2)")
-    edit.add_argument("--fps", type=int, default=None, help="target_fps micro-condition and output fps (default 8)")
-    edit.add_argument("--frames", type=int, default=None,
-                      help="number of source frames to edit (default: all; Wan: all that fit 4k + 1)")
-    edit.add_argument("--size", type=_size, default=None,
-                      help="working size WxH, multiples of 8 (Wan 2.1: 16, Wan 2.2 TI2V: 32; default: the model's)")
-    edit.add_argument("--resize", choices=("stretch", "crop", "pad"), default="stretch", help="resize policy")
-    edit.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
-                      help="edit sampler (default: the backbone's reference sampler; SEINE: ddpm)")
-    edit.add_argument("--seed", type=int, default=0, help="seeds the DDPM noise and --sample-posterior")
-    edit.add_argument("--sample-posterior", action="store_true",
-                      help="sample the VAE posterior as the reference does (default: its mean, deterministic)")
-    edit.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
-    edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    edit.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for files you trust")
-    edit.add_argument("--window", type=int, default=None,
-                      help="edit long videos in temporal windows of this many frames (e.g. 16); default: all frames at once")
-    edit.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
-    edit.add_argument("--offload", choices=("auto", "none", "model", "sequential"), default="auto",
-                      help="GPU memory policy: model = one component on the GPU at a time, sequential = lowest VRAM; "
-                           "auto = the fastest that fits the GPU (docs/memory.md)")
-    edit.add_argument("--rows", choices=("batched", "one-at-a-time"), default="batched",
-                      help="Wan: run the source, negative and positive rows of a step together (faster) or one at a "
-                           "time through each block (a third of the activation memory)")
-    edit.add_argument("--decode-chunk-size", type=int, default=1, help="frames decoded at once by the VAE")
-    edit.add_argument("--save-latents", type=Path, default=None,
-                      help="also write final latents and the inverted start latent (.safetensors)")
-    edit.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_edit_arguments(edit)
 
     batch = commands.add_parser("batch", help="run many edits from a JSON-lines file, resumable, optionally on Ray")
     batch.add_argument("jobs", type=Path, help="JSON lines, one edit each: the edit options as keys (model, video, "
@@ -155,51 +84,6 @@ def run_batch(args: argparse.Namespace) -> int:
                     cpus_per_worker=args.cpus_per_worker, retries=args.retries, stream=sys.stderr)
     print(summary.describe())
     return 130 if summary.interrupted else 1 if summary.failed or summary.invalid else 0
-
-
-def edit_settings(args: argparse.Namespace):
-    """The `edit` options as EditSettings."""
-    from .injection import InjectionSettings
-    from .plan import EditSettings
-    from .windows import ContextWindows
-
-    return EditSettings(
-        negative_prompt=args.negative_prompt, size_wh=args.size, resize=args.resize, num_frames=args.frames,
-        fps=args.fps, inversion_steps=args.inversion_steps, steps=args.steps, cfg=args.cfg,
-        start_index=args.start_index, decode_chunk_size=args.decode_chunk_size, sampler=args.sampler,
-        seed=args.seed, sample_posterior=args.sample_posterior, inversion_order=args.inversion_order,
-        windows=None if args.window is None else ContextWindows(args.window, args.window_overlap),
-        injection=InjectionSettings(conv_tau=args.conv_tau, spatial_tau=args.spatial_tau, temporal_tau=args.temporal_tau,
-                                    attention_tau=args.attention_tau),
-    )
-
-
-def check_edit_settings(args: argparse.Namespace, settings, frame_count: int | None) -> None:
-    """Check `settings` against the model's defaults and rules without its weights, where the model
-    is a local folder (a repo id is checked once downloaded); with the source's frame count, its
-    frame rules too."""
-    from .loading import backbone_defaults, detect_backbone
-    from .plan import clip_frame_count
-
-    local_model = Path(args.model).expanduser()
-    if local_model.is_dir():
-        name = detect_backbone(local_model)
-        defaults = backbone_defaults(name, local_model)
-        resolved = settings.resolved(defaults)
-        if frame_count is not None:
-            clip_frame_count(resolved, defaults, name, frame_count)
-
-
-def backbone_options(args: argparse.Namespace) -> dict:
-    """`load_backbone`'s arguments from the `edit` options; the device defaults to cuda where there is one."""
-    import torch
-
-    # Wan's load options, passed only when set so that the other backbones refuse them by name
-    wan_options = {key: value for key, value in (("shift", args.shift), ("attention_blocks", args.attention_blocks))
-                   if value not in (None, "all")}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return dict(source=args.model, dtype=args.dtype, device=device, allow_pickle=args.allow_pickle,
-                offload=args.offload, one_row_at_a_time=args.rows == "one-at-a-time", **wan_options)
 
 
 def run_edit(args: argparse.Namespace) -> None:

@@ -45,16 +45,17 @@ def diffusers_roots() -> list[str]:
     return list(folder_paths.get_folder_paths("diffusers"))
 
 
-# Files that make a folder a model: a diffusers pipeline, or a SEINE checkpoint (its SD-1.4 parts beside it)
-MODEL_MARKERS = ("model_index.json", "seine.safetensors", "seine.pt")
-
-
 def is_model_folder(folder: str) -> bool:
+    from anyv2v_core.backbones.families import MODEL_MARKERS
+
     return any(os.path.isfile(os.path.join(folder, marker)) for marker in MODEL_MARKERS)
 
 
 def list_diffusers_models() -> list[str]:
-    """Model folders relative to their diffusers root, found the way core DiffusersLoader finds them."""
+    """Model folders relative to their diffusers root (those holding one of the backbone families'
+    `MODEL_MARKERS`), found the way core DiffusersLoader finds them."""
+    from anyv2v_core.backbones.families import MODEL_MARKERS
+
     found = []
     for root in diffusers_roots():
         if not os.path.isdir(root):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,6 @@ MEMORY_MODES = {
     "model offload (less VRAM)": ("model", False),
     "sequential offload (least VRAM, slowest)": ("sequential", False),
 }
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 I2VGENXL_HINT = host.download_hint("ali-vilab/i2vgen-xl", "i2vgen-xl", '"*.json" "*.txt" "*.fp16.safetensors"')
 
 
@@ -37,6 +35,8 @@ class BackboneHandle:
 
 def check_repo_id(repo_id: str) -> str | None:
     """An error message for a repo id that is not one (None when it is fine)."""
+    from anyv2v_core.backbones.folders import REPO_ID
+
     if not REPO_ID.match(repo_id) or ".." in repo_id:
         return f"repo_id {repo_id!r} is not a Hugging Face repo id like ali-vilab/i2vgen-xl; leave it empty to use the model list"
     if os.path.exists(repo_id):
@@ -94,7 +94,7 @@ class LoadI2VBackbone:
         repo_id = (repo_id or "").strip()
         if repo_id:
             return check_repo_id(repo_id) or True
-        from anyv2v_core.loading import detect_backbone
+        from anyv2v_core.backbones.families import detect_backbone
 
         try:
             detect_backbone(Path(host.resolve_model_folder(model, I2VGENXL_HINT)))  # reads model_index.json only
@@ -104,7 +104,8 @@ class LoadI2VBackbone:
 
     def load(self, model, dtype, memory, repo_id=""):
         from anyv2v_core.errors import ModelLoadError
-        from anyv2v_core.loading import HALF_DTYPES, backbone_class, detect_backbone, load_backbone, resolve_dtype
+        from anyv2v_core.backbones.families import backbone_class, detect_backbone
+        from anyv2v_core.loading import HALF_DTYPES, load_backbone, resolve_dtype
 
         repo_id = (repo_id or "").strip()
         if repo_id:

@@ -80,12 +80,12 @@ def test_a_result_appears_by_one_rename_and_a_crash_while_writing_it_leaves_noth
     at_the_final_path = [(event, path) for event, path in events if path == final or path.startswith(final + os.sep)]
     assert at_the_final_path == [("os.rename", final)], at_the_final_path
 
-    import anyv2v_core.batch.runner as runner
+    import anyv2v_core.batch.worker as worker
 
     def disk_full(path, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runner, "write_image", disk_full)  # after edited.mp4, before result.json
+    monkeypatch.setattr(worker, "write_image", disk_full)  # after edited.mp4, before result.json
     crashed = tmp_path / "crashed"
     summary = run_batch(jobs, crashed, inversion_cache=None, stream=None)
     assert (summary.done, summary.failed) == (0, 2)

@@ -1,8 +1,8 @@
 """Device placement on a stand-in GPU: what a CUDA run would hit, caught on the CPU.
 
-Every backbone the loader builds (`tiny_backbones.TINY_BACKBONES`, one entry per family of
-`loading.BACKBONES`) x every offload policy x (all frames at once, temporal windows) x every solver
-order its schedule offers runs inversion, injected sampling and decoding with
+Every backbone the loader builds (`tiny_backbones.TINY_BACKBONES`, one entry per name of
+`backbones.families.BACKBONES`) x every offload policy x (all frames at once, temporal windows) x
+every solver order its schedule offers runs inversion, injected sampling and decoding with
 `anyv2v_core.device_standin` as its device: any CPU tensor that meets a device tensor in an
 operation raises as on CUDA, and the frames must be those of the plain CPU run. Observed behaviour
 of the policies (which component is on the device when each one runs) is checked here too, by
@@ -16,7 +16,7 @@ import torch
 
 from anyv2v_core.device_standin import OnStandIn, StandInDevice
 from anyv2v_core.injection import InjectionSettings
-from anyv2v_core.loading import BACKBONES, backbone_defaults
+from anyv2v_core.backbones.families import BACKBONES, backbone_defaults
 from anyv2v_core.memory import DENOISERS, OFFLOAD_POLICIES
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings

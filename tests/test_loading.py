@@ -44,7 +44,7 @@ def test_other_pipeline_class(model_copy, pipeline_class, message):
 
 
 def test_seine_layout_is_detected(tmp_path):
-    from anyv2v_core.loading import detect_backbone
+    from anyv2v_core.backbones.families import detect_backbone
 
     (tmp_path / "stable-diffusion-v1-4" / "unet").mkdir(parents=True)
     (tmp_path / "stable-diffusion-v1-4" / "vae").mkdir()

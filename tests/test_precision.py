@@ -68,10 +68,10 @@ def test_auto_is_float32_off_cuda():
 
 def test_each_family_states_its_half_precision():
     """The UNet backbones prefer fp16 (their references); Wan, trained in bf16, prefers bf16."""
-    from anyv2v_core.loading import BACKBONES, WAN_BACKBONES, backbone_class
+    from anyv2v_core.backbones.families import BACKBONES, WAN, backbone_class
 
     for name in BACKBONES:
-        assert backbone_class(name).half_dtypes[0] == (torch.bfloat16 if name in WAN_BACKBONES else torch.float16)
+        assert backbone_class(name).half_dtypes[0] == (torch.bfloat16 if name in WAN.names else torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------- nodes

@@ -116,7 +116,7 @@ def test_a_repo_id_downloads_safetensors_and_configs_only(tiny_model_dir, monkey
     """The one network path: a repo id given on purpose; pickles and code files are never fetched."""
     import huggingface_hub
 
-    from anyv2v_core.loading import resolve_source
+    from anyv2v_core.backbones.folders import resolve_source
 
     requests = []
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from anyv2v_core.backbones.seine import find_seine_layout, load_seine
+from anyv2v_core.backbones.families import SEINE
+from anyv2v_core.backbones.seine import load_seine
 from anyv2v_core.errors import ModelLoadError
 from conftest import oracle_path
 
@@ -84,15 +85,15 @@ def test_inversion_segments(backbone, inversion_data, start, end):
 
 
 def test_layout_detection(oracle, tmp_path):
-    assert find_seine_layout(oracle / "model") is None  # the oracle names its file seine_ema.safetensors
+    assert SEINE.find_layout(oracle / "model") is None  # the oracle names its file seine_ema.safetensors
     (tmp_path / "seine.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="stable-diffusion-v1-4"):
-        find_seine_layout(tmp_path)
+        SEINE.find_layout(tmp_path)
     sd = tmp_path / "stable-diffusion-v1-4"
     (sd / "unet").mkdir(parents=True)
     (sd / "unet" / "config.json").write_text("{}")
     (sd / "vae").mkdir()
-    assert find_seine_layout(tmp_path) == (sd, tmp_path / "seine.safetensors")
+    assert SEINE.find_layout(tmp_path) == (sd, tmp_path / "seine.safetensors")
 
 
 def test_pickled_checkpoint_needs_permission(oracle, tmp_path):

@@ -43,7 +43,7 @@ def toy_wan():
 
 def test_shipped_toy_wan_loads_as_a_wan_ti2v_folder_with_its_own_defaults(toy_wan):
     from anyv2v_core.backbones.wan import WAN22_TI2V_DEFAULTS, WAN_TOY_DEFAULTS, WanTI2VBackbone
-    from anyv2v_core.loading import backbone_defaults, detect_backbone
+    from anyv2v_core.backbones.families import backbone_defaults, detect_backbone
 
     weights = [p for p in WAN_WEIGHTS.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)

@@ -17,7 +17,8 @@ from anyv2v_core.backbones.wan import WanBackbone
 from anyv2v_core.errors import AnyV2VError, ModelLoadError
 from anyv2v_core.injection import InjectionSettings, has_injection_hooks
 from anyv2v_core.inversion import invert_video
-from anyv2v_core.loading import detect_backbone, load_backbone
+from anyv2v_core.backbones.families import detect_backbone
+from anyv2v_core.loading import load_backbone
 from anyv2v_core.sampling import sample_edit
 from anyv2v_core.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
 from conftest import REPO_ROOT

@@ -1,4 +1,4 @@
-"""A tiny model of every backbone family the loader builds (`loading.BACKBONES`), and a clip each
+"""A tiny model of every backbone family the loader builds (`backbones.families.BACKBONES`), and a clip each
 one takes: the one registry that tests running over all backbones iterate over, so a family
 added to the loader is covered without anyone remembering it (`test_device_placement.py` fails
 for a family missing here).

@@ -34,6 +34,7 @@ from ..memory import ActivationProfile
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
 from .checkpoints import load_state_dict_file
 from .consisti2v_unet import ConsistI2VUNet, ConsistI2VUNetConfig
+from .folders import PICKLE_SUFFIXES
 from .rotary import cast_keeping_rotary_float32
 from .vae_frames import FirstFrameLatent, decode_latents, encode_frames
 
@@ -88,7 +89,6 @@ FALLBACK_SCHEDULER_CONFIG = {
 FALLBACK_UNET_CONFIG = ConsistI2VUNetConfig()
 
 UNET_WEIGHT_STEM = "diffusion_pytorch_model"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SOURCE_BRANCH_FIRST_FRAMES = ("edited", "source")
 
 

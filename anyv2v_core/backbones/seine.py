@@ -26,6 +26,7 @@ from ..diffusion_schedule import DiffusionSchedule
 from ..memory import ActivationProfile
 from .base import Backbone, BackboneDefaults, RowCondition
 from .checkpoints import is_safetensors_file, load_state_dict_file
+from .folders import check_components
 from .seine_unet import DEFAULT_INJECTION_LAYERS, SeineUNet3D, SeineUNetConfig
 from .rotary import cast_keeping_rotary_float32
 from .vae_frames import FirstFrameLatent, decode_latents, encode_frames
@@ -46,8 +47,6 @@ DEFAULTS = BackboneDefaults(
 SCHEDULE_OVERRIDES = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
 
 CHECKPOINT_ENTRY = "ema"  # seine.pt is {"ema": state_dict, ...}; the EMA weights are the model
-CHECKPOINT_NAMES = ("seine.safetensors", "seine.pt")
-SD_SUBFOLDER = "stable-diffusion-v1-4"
 SD_COMPONENTS = {"vae": "diffusion_pytorch_model", "text_encoder": "model", "tokenizer": None, "scheduler": None}
 
 
@@ -140,31 +139,6 @@ class SeineBackbone(Backbone):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def find_seine_layout(folder: str | os.PathLike) -> tuple[Path, Path] | None:
-    """(SD-1.4 folder, SEINE checkpoint) of a SEINE model folder, or None if `folder` is not one.
-
-    A SEINE model folder holds `seine.safetensors` or `seine.pt` and the SD-1.4 components, either
-    beside the checkpoint or in a `stable-diffusion-v1-4/` subfolder:
-
-        seine/                         seine/
-          seine.pt                       seine.safetensors
-          stable-diffusion-v1-4/         vae/ text_encoder/ tokenizer/ scheduler/ unet/config.json
-            vae/ text_encoder/ ...
-    """
-    folder = Path(folder)
-    checkpoint = next((folder / name for name in CHECKPOINT_NAMES if (folder / name).is_file()), None)
-    if checkpoint is None:
-        return None
-    for sd_folder in (folder / SD_SUBFOLDER, folder):
-        if (sd_folder / "unet" / "config.json").is_file() and (sd_folder / "vae").is_dir():
-            return sd_folder, checkpoint
-    raise ModelLoadError(
-        f"{folder} holds a SEINE checkpoint ({checkpoint.name}) but no Stable Diffusion 1.4 components: put the "
-        f"CompVis/stable-diffusion-v1-4 folder (vae/, text_encoder/, tokenizer/, scheduler/, unet/config.json) "
-        f"in {folder / SD_SUBFOLDER}"
-    )
-
-
 def load_seine_unet(config: SeineUNetConfig, checkpoint: str | os.PathLike, *, dtype: torch.dtype,
                     allow_pickle: bool) -> SeineUNet3D:
     """The SEINE UNet with the weights of `checkpoint` (seine.pt's "ema" entry, or a converted
@@ -200,8 +174,6 @@ def load_seine(sd_folder: str | os.PathLike, checkpoint: str | os.PathLike, *, d
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from ..loading import check_components
 
     sd_folder = Path(sd_folder)
     if not (sd_folder / "unet" / "config.json").is_file():

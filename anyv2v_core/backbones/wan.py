@@ -35,6 +35,7 @@ from ..flow_schedule import FlowMatchingSchedule, SigmaSpacing
 from ..memory import ActivationProfile
 from ..windows import ContextWindows
 from .base import Backbone, BackboneDefaults, InjectionLayers, RowCondition
+from .folders import read_model_index
 from .vae_frames import FirstFrameLatent
 
 TEXT_TOKENS = 512  # Wan's text context; its image cross-attention takes every token before the last 512
@@ -353,8 +354,17 @@ class WanFolder:
     def defaults(self) -> BackboneDefaults:
         return WAN_TOY_DEFAULTS if self.toy else WAN_DEFAULTS[self.kind]
 
+    @property
+    def components(self) -> dict[str, str | None]:
+        """The component folders a Wan folder must hold (`folders.check_components`): its experts and
+        the CLIP parts it declares."""
+        components: dict[str, str | None] = {name: "diffusion_pytorch_model" for name in self.experts}
+        components.update(vae="diffusion_pytorch_model", text_encoder="model", tokenizer=None, scheduler=None)
+        if self.image_encoder:
+            components.update(image_encoder="model", image_processor=None)
+        return components
 
-WAN_PIPELINES = ("WanImageToVideoPipeline", "WanPipeline")
+
 WAN_DEFAULTS = {"wan2.1-i2v": WAN21_I2V_DEFAULTS, "wan2.2-i2v-a14b": WAN22_I2V_DEFAULTS,
                 "wan2.2-ti2v": WAN22_TI2V_DEFAULTS}
 
@@ -393,14 +403,12 @@ def inspect_wan_folder(folder: Path, model_index: dict) -> WanFolder:
 
 
 def wan_defaults(folder: Path) -> BackboneDefaults:
-    from ..loading import read_model_index
-
     return inspect_wan_folder(folder, read_model_index(folder)).defaults
 
 
 def load_wan(folder: Path, model_index: dict, *, dtype: torch.dtype, device: torch.device, variant: str | None,
              use_safetensors: bool | None, shift: float | None = None, attention_blocks: str = "all") -> WanBackbone:
-    """A Wan backbone from a diffusers folder (validated by `loading.py`), in eval mode.
+    """A Wan backbone from a diffusers folder (validated by its registry entry, `families.py`), in eval mode.
 
     The VAE runs in float32 whatever `dtype` is (diffusers' advice for Wan's decoder quality; it
     is small). `shift` overrides the model's default sigma shift; `attention_blocks` picks the

@@ -2,8 +2,8 @@
 
 A line is a JSON object whose keys are the `edit` subcommand's option names with `_` for `-`
 (model, video, edited_first_frame, prompt, steps, conv_tau, window, dtype, ...; true for a switch
-such as sample_posterior, null for an option's default). The `edit` parser itself reads it, so
-every option of `python -m anyv2v_core edit` works in a batch and is checked the same way. `out`,
+such as sample_posterior, null for an option's default). The options of `python -m anyv2v_core
+edit` (`options.py`) read it, so every one works in a batch and is checked the same way. `out`,
 `save_latents` and `overwrite` are not job keys: the batch writes each result to <out>/<job id>/.
 
 Every check that needs no model and no decoded video runs here, for every line, before any model
@@ -19,19 +19,16 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cli import backbone_options, build_parser, check_edit_settings, edit_settings
+from ..backbones.folders import REPO_ID, resolve_source
 from ..errors import AnyV2VError
-from ..loading import REPO_ID, resolve_source
+from ..options import backbone_options, check_edit_settings, edit_settings, job_line_parser, job_options
 from ..video import read_image, video_files
 from .store import content_hash, inversion_settings
 
 logger = logging.getLogger("AnyV2V")
-
-OUTPUT_KEYS = ("out", "save_latents", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -56,24 +53,13 @@ class JobFailure:
         return asdict(self)
 
 
-class JobLineParser(argparse.ArgumentParser):
-    """The CLI's parser for job lines: an error raises instead of printing usage and exiting, and
-    an option name must be written in full."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
-
-    def error(self, message: str):
-        raise AnyV2VError(message)
-
-
 def read_jobs(path: Path) -> tuple[list[Job], list[JobFailure]]:
     """The valid jobs of a JSON-lines file (a repeated job once) and a failure for each bad line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise AnyV2VError(f"cannot read the jobs file {path} ({error}); pass a JSON-lines file, one edit per line") from None
-    parser = build_parser(JobLineParser)
+    parser = job_line_parser()
     file_hashes: dict[Path, str] = {}  # a video edited many times is read once
     jobs: dict[str, Job] = {}
     failures = []
@@ -100,10 +86,7 @@ def parse_job(line: str, number: int, parser: argparse.ArgumentParser, file_hash
     if not isinstance(entry, dict):
         raise AnyV2VError(f"a JSON {type(entry).__name__}, not an object; a job is an object of edit options, e.g. "
                           '{"model": "...", "video": "...", "edited_first_frame": "...", "prompt": "..."}')
-    args = parser.parse_args(["edit", f"--out={os.devnull}", *job_argv(entry)])
-    for key, value in entry.items():
-        if value is False and getattr(args, key, None) is not False:
-            raise AnyV2VError(f"{key} is not a switch; give it a value, or null for its default")
+    args = job_options(entry, parser)
     _make_paths_absolute(args)
     # the checks of `edit` before its model loads, in the same order
     settings = edit_settings(args)
@@ -119,24 +102,6 @@ def parse_job(line: str, number: int, parser: argparse.ArgumentParser, file_hash
     group = {"load": backbone_options(args), "video": video_hash, "inversion": inversion_settings(settings)}
     return Job(line=number, id=content_hash(identity)[:20], options=args, video_hash=video_hash,
                group=content_hash(group))
-
-
-def job_argv(entry: dict) -> list[str]:
-    """The `edit` command line of a job's JSON object."""
-    argv = []
-    for key, value in entry.items():
-        if key in OUTPUT_KEYS:
-            raise AnyV2VError(f"{key} is not a job key: the batch writes each result to <out>/<job id>/")
-        if key == "help":
-            raise AnyV2VError("help is not a job key; python -m anyv2v_core edit --help lists the options")
-        option = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(option)
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            argv.append(f"{option}={value}")  # one token, so a value starting with "-" stays a value
-        elif value is not None and value is not False:
-            raise AnyV2VError(f"{key} must be a string, a number, true or null, got {json.dumps(value)}")
-    return argv
 
 
 def _make_paths_absolute(args: argparse.Namespace) -> None:

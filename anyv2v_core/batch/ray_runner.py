@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..errors import AnyV2VError
 from .jobs import Job
-from .runner import FAILED, BatchProgress, EditWorker, JobOutcome
+from .progress import BatchProgress
+from .worker import FAILED, EditWorker, JobOutcome
 
 logger = logging.getLogger("AnyV2V")
 

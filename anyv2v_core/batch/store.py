@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import AnyV2VError
 from ..inversion import Inversion
 from ..inversion_store import load_inversion, save_inversion
-from ..pipeline import EditSettings
+from ..plan import EditSettings
 from ..video import _write_atomically
 
 logger = logging.getLogger("AnyV2V")
