@@ -38,7 +38,7 @@ from anyv2v_core.inversion_store import save_inversion  # noqa: E402
 from anyv2v_core.loading import load_backbone  # noqa: E402
 from anyv2v_core.pipeline import edit  # noqa: E402
 from anyv2v_core.plan import EditSettings  # noqa: E402
-from anyv2v_core.tiny_models import build_tiny_i2vgenxl, moving_square_video  # noqa: E402
+from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl, moving_square_video  # noqa: E402
 from anyv2v_core.video import read_frames, read_image, write_image, write_video  # noqa: E402
 
 

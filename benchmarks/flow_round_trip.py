@@ -24,7 +24,7 @@ from anyv2v_core.injection import InjectionSettings  # noqa: E402
 from anyv2v_core.inversion import invert_video  # noqa: E402
 from anyv2v_core.loading import load_backbone  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
-from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video  # noqa: E402
+from anyv2v_core.testing.tiny_models import build_tiny_wan, moving_square_video  # noqa: E402
 
 NO_INJECTION = InjectionSettings(conv_tau=0, spatial_tau=0, temporal_tau=0, attention_tau=0)
 

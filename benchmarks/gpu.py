@@ -18,7 +18,7 @@ time and the peak memory allocated on the device during it (`torch.cuda.max_memo
 reset before the phase; weights resident on the device count). Frame counts longer than the
 window run twice: all frames at once (the reference's approach) and in temporal context windows.
 A row that runs out of memory prints OOM (one the engine refuses, refused) and the table goes on.
-`--device standin` runs the tiny check on `anyv2v_core.device_standin`'s stand-in GPU (the weights
+`--device standin` runs the tiny check on `anyv2v_core.testing.device_standin`'s stand-in GPU (the weights
 built on the CPU, every phase under the offload policies with CUDA's device rules).
 """
 
@@ -49,7 +49,8 @@ from anyv2v_core.inversion import invert_video  # noqa: E402
 from anyv2v_core.memory import OFFLOAD_POLICIES  # noqa: E402
 from anyv2v_core.plan import EditSettings  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
-from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video, write_character_tokenizer, write_tokenizer  # noqa: E402
+from anyv2v_core.testing.tiny_models import build_tiny_wan, moving_square_video  # noqa: E402
+from anyv2v_core.toy.components import write_character_tokenizer, write_tokenizer  # noqa: E402
 from anyv2v_core.windows import ContextWindows  # noqa: E402
 
 CONFIGS = Path(__file__).with_name("i2vgenxl_configs.json")
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             backbone = build_wan_backbone(args.model, json.loads(WAN_CONFIGS.read_text())[args.model], device, dtype,
                                           Path(scratch))
     if standin:
-        from anyv2v_core.device_standin import StandInDevice
+        from anyv2v_core.testing.device_standin import StandInDevice
 
         device = stack.enter_context(StandInDevice()).device  # where they run
     d = backbone.defaults

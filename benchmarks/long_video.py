@@ -1,7 +1,7 @@
 """Peak memory and time of long-video edits: all frames at once vs temporal context windows (CPU).
 
 Each configuration runs in its own process, so the peak resident memory (ru_maxrss) belongs to it
-alone. The model is the tiny random I2VGen-XL of `anyv2v_core.tiny_models` at 64x64 pixels, where
+alone. The model is the tiny random I2VGen-XL of `anyv2v_core.testing.tiny_models` at 64x64 pixels, where
 activations dominate its weights, so memory growth with the frame count is visible.
 
     python benchmarks/long_video.py                  # 16/32/64/128 frames, windows of 16 (overlap 4)
@@ -31,7 +31,7 @@ def run_one(model: str, num_frames: int, window: int | None, overlap: int, steps
     from anyv2v_core.inversion import invert_video
     from anyv2v_core.loading import load_backbone
     from anyv2v_core.sampling import sample_edit
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
     from anyv2v_core.windows import ContextWindows
 
     torch.set_num_threads(threads)
@@ -71,7 +71,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from anyv2v_core.tiny_models import build_tiny_i2vgenxl
+    from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl
 
     with tempfile.TemporaryDirectory() as scratch:
         model = str(build_tiny_i2vgenxl(Path(scratch) / "tiny"))

@@ -37,7 +37,7 @@ def run_one(kind: str, order: int | None, steps: int | None) -> dict:
     from anyv2v_core.loading import load_backbone
     from anyv2v_core.pipeline import edit
     from anyv2v_core.plan import EditSettings
-    from anyv2v_core.tiny_models import build_tiny_i2vgenxl, build_tiny_wan, moving_square_video
+    from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl, build_tiny_wan, moving_square_video
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:

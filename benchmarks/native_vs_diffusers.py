@@ -66,7 +66,7 @@ def run_one(path: str, row_mode: str, comfyui: str, steps: int, frames: int, siz
     from anyv2v_core.injection import InjectionSettings
     from anyv2v_core.inversion import invert_video
     from anyv2v_core.sampling import sample_edit
-    from anyv2v_core.tiny_models import moving_square_video, original_wan_state_dict, tiny_wan_transformer
+    from anyv2v_core.testing.tiny_models import moving_square_video, original_wan_state_dict, tiny_wan_transformer
 
     transformer = tiny_wan_transformer("wan2.1-i2v", seed=0, comfyui_dims=True).eval()
     latent_frames, latent_size = (frames - 1) // 4 + 1, size // 8

@@ -4,7 +4,7 @@ I2VGen-XL architecture, on any machine.
     python benchmarks/offload.py [--frames 16] [--size 512] [--calls 4] [--dtype fp16]
 
 The networks are built at their published size (`i2vgenxl_configs.json`) on the meta device and
-run on the weightless stand-in GPU of `anyv2v_core.device_standin` (shapes only: no memory, nothing
+run on the weightless stand-in GPU of `anyv2v_core.testing.device_standin` (shapes only: no memory, nothing
 computed), which counts every copy and whether it was asked to be non-blocking.
 For each policy, the calls of one edit are replayed through the backbone: conditioning (the text
 encoder, the image encoder, the VAE encoding the first frame), `--calls` UNet calls of sampling
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from overhead import markdown  # noqa: E402  (benchmarks/ is this script's folder)
 
 from anyv2v_core.backbones.i2vgen_xl import I2VGenXLBackbone, I2VGenXLRow  # noqa: E402
-from anyv2v_core.device_standin import StandInDevice, weightless_on_host  # noqa: E402
-from anyv2v_core.memory import OFFLOAD_POLICIES, Offloader, pinned_bytes_cap  # noqa: E402
+from anyv2v_core.memory import OFFLOAD_POLICIES  # noqa: E402
+from anyv2v_core.offload import Offloader, pinned_bytes_cap  # noqa: E402
+from anyv2v_core.testing.device_standin import StandInDevice, weightless_on_host  # noqa: E402
 
 CONFIGS = Path(__file__).with_name("i2vgenxl_configs.json")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -45,7 +45,7 @@ from anyv2v_core import pipeline  # noqa: E402
 from anyv2v_core.injection import FeatureInjector, InjectionPlan, InjectionSettings, injected  # noqa: E402
 from anyv2v_core.loading import load_backbone  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
-from anyv2v_core.tiny_models import build_tiny_i2vgenxl, moving_square_video  # noqa: E402
+from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl, moving_square_video  # noqa: E402
 
 PHASES = ("inversion", "sampling")
 PROMPT = "a blue square moving over a gradient"

@@ -163,13 +163,18 @@ class ComfyWanBackbone(Backbone):
         self.latent_channels = latent_channels(model)
         self.vae_scale_factor = vae.spacial_compression_encode()
         self.temporal_stride = vae.temporal_compression_decode()
-        self.device = model.load_device  # ComfyUI places the MODEL there while a phase runs
         self.dtype = model.model.get_dtype()
         # the phase running (`running`): the batch shape its memory is sized for, and the expert
         # loaded for it with that expert's run options (its model_options, wrappers and callbacks merged)
         self.phase_shape: list[int] | None = None
         self.active_expert = None
         self.run_options: dict | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The MODEL's load device, where ComfyUI's model management places it while a phase runs
+        (ComfyUI owns it: this backbone takes no offload policy)."""
+        return self.experts["transformer"].load_device
 
     @property
     def denoiser(self) -> torch.nn.Module:

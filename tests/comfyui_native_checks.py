@@ -13,7 +13,7 @@ path, `load_diffusion_model_state_dict`), and tiny random Wan VAEs of ComfyUI's 
 meta device for its keys, then replaced by a small one of the same class). The encoders are tensors
 of Wan's shapes, as tests/comfyui_test_nodes makes them.
 
-The stand-in device (anyv2v_core.device_standin) plays the GPU: the MODEL's load device is the
+The stand-in device (anyv2v_core.testing.device_standin) plays the GPU: the MODEL's load device is the
 stand-in, so ComfyUI's load_models_gpu moves its weights there and every CPU tensor that meets them
 raises as on CUDA; the VAE stays on the CPU (as with --cpu-vae).
 """
@@ -63,7 +63,7 @@ def pack(module: str):
 def tiny_model(kind: str, seed: int = 0):
     """A ComfyUI MODEL (ModelPatcher) of a tiny random Wan transformer, loaded as UNETLoader loads a file."""
     import comfy.sd
-    from anyv2v_core.tiny_models import original_wan_state_dict, tiny_wan_transformer
+    from anyv2v_core.testing.tiny_models import original_wan_state_dict, tiny_wan_transformer
 
     return comfy.sd.load_diffusion_model_state_dict(
         original_wan_state_dict(tiny_wan_transformer(kind, seed=seed, comfyui_dims=True)))
@@ -135,7 +135,7 @@ def edit(kind: str, inputs: dict, *, attention_tau: float = 0.5, order: str = "2
 
 
 def edit_nodes(kind: str, inputs: dict, *, attention_tau: float, order: str, window_length: int, frames: int) -> dict:
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     wan, injection = pack("wan"), pack("injection")
     source = moving_square_video(frames, SIZE)
@@ -156,7 +156,7 @@ def standin_gpu(inputs: dict):
     import torch
 
     import comfy.model_management as model_management
-    from anyv2v_core.device_standin import StandInDevice
+    from anyv2v_core.testing.device_standin import StandInDevice
 
     free_memory = model_management.get_free_memory
 
@@ -185,7 +185,7 @@ def standin_gpu(inputs: dict):
 def check_standin_run_equals_the_cpu_run(kind: str, **settings) -> None:
     import torch
 
-    from anyv2v_core.device_standin import OnStandIn
+    from anyv2v_core.testing.device_standin import OnStandIn
 
     cpu = edit(kind, models(kind), **settings)["samples"]
     inputs = models(kind)
@@ -506,9 +506,9 @@ def backbone_patcher_follows_newer_comfyuis_calls():
 
     import torch
 
-    from anyv2v_core.device_standin import StandInDevice
+    from anyv2v_core.testing.device_standin import StandInDevice
     from anyv2v_core.loading import load_backbone
-    from anyv2v_core.tiny_models import build_tiny_i2vgenxl
+    from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl
 
     with tempfile.TemporaryDirectory() as folder:
         backbone = load_backbone(build_tiny_i2vgenxl(Path(folder) / "tiny-i2vgenxl"))

@@ -40,7 +40,7 @@ def i2vgenxl_oracle() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random I2VGen-XL diffusers folder built in-process (no shared/ needed)."""
-    from anyv2v_core.tiny_models import build_tiny_i2vgenxl
+    from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl
 
     return build_tiny_i2vgenxl(tmp_path_factory.mktemp("models") / "tiny-i2vgenxl")
 

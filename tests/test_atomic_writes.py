@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from anyv2v_core.errors import AnyV2VError
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.video import _write_atomically, write_image, write_video
 
 FRAMES = moving_square_video(4, 32)

@@ -11,7 +11,7 @@ from anyv2v_core.backbones.seine import load_seine
 from anyv2v_core.loading import load_backbone
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings
-from anyv2v_core.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
+from anyv2v_core.testing.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
 from conftest import oracle_path
 
 FRAME_BY_FRAME_VAE = ("i2vgen-xl", "consisti2v", "seine")

@@ -26,7 +26,7 @@ from anyv2v_core.inversion import Inversion, invert_video
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.windows import ContextWindows
 
 SIZE = 32

@@ -14,7 +14,7 @@ from anyv2v_core.batch.jobs import read_jobs
 from anyv2v_core.batch.runner import run_batch
 from anyv2v_core.cli import main
 from anyv2v_core.inversion_store import load_inversion
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.video import write_image, write_video
 
 SMALL = {"size": "32x32", "steps": 2, "inversion_steps": 4}
@@ -157,7 +157,7 @@ def test_the_batch_command_exit_status_and_summary(inputs, tmp_path, capsys):
 
 
 def test_options_added_for_wan_work_in_a_batch_and_share_an_inversion_only_where_it_is_the_same(tmp_path):
-    from anyv2v_core.tiny_models import build_tiny_wan
+    from anyv2v_core.testing.tiny_models import build_tiny_wan
 
     model = build_tiny_wan(tmp_path / "tiny-wan", "wan2.1-i2v")
     source = moving_square_video(11, 32)

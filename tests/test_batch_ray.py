@@ -24,7 +24,7 @@ except ImportError:
 
 from anyv2v_core.batch.runner import run_batch
 from anyv2v_core.cli import main
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.video import read_frames, write_image, write_video
 
 SMALL = {"size": "32x32", "steps": 2, "inversion_steps": 4}

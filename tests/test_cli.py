@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from anyv2v_core.cli import main
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.video import write_image, write_video
 
 

@@ -70,7 +70,7 @@ def wan_server(tmp_path_factory):
 def add_tiny_wan_models(base: Path, source: str = "source.mp4", edited_frame: str = "edited_first_frame.png") -> None:
     """The tiny Wan models and random VAEs under ComfyUI's base folder `base`, a moving-square source clip and an
     edited first frame in its input folder as `source` and `edited_frame`."""
-    from anyv2v_core.tiny_models import moving_square_video, write_tiny_comfyui_wan
+    from anyv2v_core.testing.tiny_models import moving_square_video, write_tiny_comfyui_wan
     from anyv2v_core.video import write_image, write_video
 
     for folder in ("models/diffusion_models", "models/vae"):

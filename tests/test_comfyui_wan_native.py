@@ -199,7 +199,7 @@ print("REPORT " + json.dumps(report))
 def report(tmp_path_factory) -> dict:
     if not (COMFYUI_DIR and COMFYUI_PYTHON):
         skip_unless_ci("COMFYUI_DIR and COMFYUI_PYTHON are not set (a ComfyUI checkout and its Python)")
-    from anyv2v_core.tiny_models import write_tiny_comfyui_wan
+    from anyv2v_core.testing.tiny_models import write_tiny_comfyui_wan
 
     model = write_tiny_comfyui_wan(tmp_path_factory.mktemp("native") / "tiny-wan21-i2v.safetensors", "wan2.1-i2v")
     result = subprocess.run([COMFYUI_PYTHON, "-c", SCRIPT, str(REPO_ROOT), str(model), str(STEPS), str(SHIFT),

@@ -3,7 +3,7 @@
 Every backbone the loader builds (`tiny_backbones.TINY_BACKBONES`, one entry per name of
 `backbones.families.BACKBONES`) x every offload policy x (all frames at once, temporal windows) x
 every solver order its schedule offers runs inversion, injected sampling and decoding with
-`anyv2v_core.device_standin` as its device: any CPU tensor that meets a device tensor in an
+`anyv2v_core.testing.device_standin` as its device: any CPU tensor that meets a device tensor in an
 operation raises as on CUDA, and the frames must be those of the plain CPU run. Observed behaviour
 of the policies (which component is on the device when each one runs) is checked here too, by
 looking at where the weights are, not at the offloader's own bookkeeping.
@@ -14,13 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyv2v_core.device_standin import OnStandIn, StandInDevice
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.backbones.families import BACKBONES, backbone_defaults
 from anyv2v_core.memory import DENOISERS, OFFLOAD_POLICIES
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.device_standin import OnStandIn, StandInDevice
+from anyv2v_core.testing.tiny_models import moving_square_video
 from tiny_backbones import TINY_BACKBONES
 
 # 2 inversion and 2 sampling steps: injection runs at the first step, the source row is dropped at
@@ -142,6 +142,29 @@ def test_sequential_offload_streams_every_denoisers_blocks_through_the_device(na
         assert len(calls) >= len(denoisers[component]), f"{component} ran fewer blocks than it has"
         assert all(on_device for on_device, _ in calls), f"a block of {component} ran with its weights on the CPU"
         assert max(others for _, others in calls) <= 1, "more than the running block and the prefetched next one"
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_a_backbones_device_is_its_offloaders_and_moves_only_with_its_policy(name, tiny_sources):
+    """The execution device has one owner, the offloader: `set_offload` and `to` move it with the
+    weights, and setting the backbone's device alone (inputs sent to one device, weights placed on
+    another) is refused, leaving both where they were."""
+    backbone = load(name, tiny_sources)
+    tiny = TINY_BACKBONES[name]
+    clip = moving_square_video(tiny.num_frames, tiny.size)
+    assert backbone.device == backbone.offloader.device == torch.device("cpu")
+    with StandInDevice() as gpu:
+        for policy in OFFLOAD_POLICIES:
+            backbone.set_offload(policy, gpu.device)
+            assert backbone.device == backbone.offloader.device == gpu.device
+        with pytest.raises(AttributeError, match=r"call \.to\('cpu'\) or \.set_offload\(policy, 'cpu'\)"):
+            backbone.device = "cpu"
+        backbone.set_offload("model")  # no device given: it stays where it runs
+        assert backbone.device == backbone.offloader.device == gpu.device
+        backbone.encode_video(clip)  # the inputs go where the weights are (a CPU input would raise here)
+        backbone.to("cpu")
+        assert backbone.device == backbone.offloader.device == torch.device("cpu")
+        assert not any(any(weights_on_device(module)) for module in backbone.modules().values())
 
 
 def test_policy_none_frees_the_encoders_before_the_unet_runs(tiny_sources):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 
 from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import FeatureInjector, InjectionPlan, InjectionSettings, has_injection_hooks, injected
@@ -57,7 +57,7 @@ def test_inversion_rejects_steps_that_miss_sampling_timesteps(tiny_backbone, sou
 def test_all_taus_zero_equals_plain_i2v_sampling(tiny_backbone, inversion, edited_first_frame):
     """tau = 0 for every kind is plain I2VGen-XL DDIM sampling (diffusers' scheduler) from the inverted latent."""
     from diffusers import DDIMScheduler
-    from anyv2v_core.tiny_models import SCHEDULER_CONFIG
+    from anyv2v_core.toy.components import SCHEDULER_CONFIG
 
     edited = run_edit(tiny_backbone, inversion, edited_first_frame, injection=InjectionSettings(0, 0, 0))
 

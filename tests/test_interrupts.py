@@ -21,7 +21,7 @@ from anyv2v_core.inversion import invert_video
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 
 INVERSION_STEPS, STEPS, FRAMES = 4, 4, 5
 SOURCE = moving_square_video(FRAMES, 32)

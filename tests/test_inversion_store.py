@@ -16,7 +16,7 @@ from anyv2v_core.inversion import Inversion
 from anyv2v_core.inversion_store import load_inversion, save_inversion
 from anyv2v_core.pipeline import edit, invert_source
 from anyv2v_core.plan import EditSettings
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.windows import ContextWindows
 
 SOURCE = moving_square_video(6)

@@ -1,4 +1,4 @@
-"""Offload policies and out-of-memory handling, observed on the stand-in GPU (anyv2v_core.device_standin):
+"""Offload policies and out-of-memory handling, observed on the stand-in GPU (anyv2v_core.testing.device_standin):
 where the weights are, what is copied each way, and what a failure leaves behind.
 
 Which component runs where under each policy, with the frames of the CPU run, is checked for every
@@ -8,16 +8,17 @@ backbone in test_device_placement.py.
 import pytest
 import torch
 
-from anyv2v_core.device_standin import OnStandIn, StandInDevice
 from anyv2v_core.errors import AnyV2VError, AnyV2VOutOfMemory
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.loading import load_backbone
 from anyv2v_core.memory import (
-    OFFLOAD_POLICIES, Offloader, auto_policy, available_memory, guard_out_of_memory, is_out_of_memory,
-    streamed_denoiser_bytes, weight_bytes)
+    OFFLOAD_POLICIES, auto_policy, available_memory, guard_out_of_memory, is_out_of_memory, streamed_denoiser_bytes,
+    weight_bytes)
+from anyv2v_core.offload import Offloader
 from anyv2v_core.pipeline import edit
 from anyv2v_core.plan import EditSettings
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.device_standin import OnStandIn, StandInDevice
+from anyv2v_core.testing.tiny_models import moving_square_video
 from tiny_backbones import TINY_BACKBONES
 
 SETTINGS = EditSettings(size_wh=(32, 32), inversion_steps=2, steps=2, injection=InjectionSettings(0.5, 0.5, 0.5))
@@ -324,7 +325,7 @@ def test_host_copies_are_pinned_tensor_by_tensor_under_a_cap_and_resident_compon
     policy keeps on the device need no pinned copy, and the pinned total stays under the cap."""
     import weakref
 
-    from anyv2v_core import memory
+    from anyv2v_core import offload
 
     pinned_from, alive_when_pinning = [], []  # per pinned tensor: was the previous pageable one already freed
 
@@ -333,9 +334,9 @@ def test_host_copies_are_pinned_tensor_by_tensor_under_a_cap_and_resident_compon
         pinned_from.append(weakref.ref(tensor))
         return tensor.clone()
 
-    monkeypatch.setattr(memory, "page_locked", fake_page_locked)
-    text_encoder = memory.host_weights(backbone.text_encoder)
-    monkeypatch.setattr(memory, "pinned_bytes_cap", lambda: memory.pinned_bytes() + text_encoder.total_bytes() // 2)
+    monkeypatch.setattr(offload, "page_locked", fake_page_locked)
+    text_encoder = offload.host_weights(backbone.text_encoder)
+    monkeypatch.setattr(offload, "pinned_bytes_cap", lambda: offload.pinned_bytes() + text_encoder.total_bytes() // 2)
     text_encoder.pin()
     assert pinned_from and max(alive_when_pinning) == 0, "a pageable copy outlived its pinned one"
     assert all(ref() is None for ref in pinned_from)

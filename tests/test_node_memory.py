@@ -1,4 +1,4 @@
-"""What the nodes leave on the GPU, with the stand-in GPU (anyv2v_core.device_standin) as ComfyUI's
+"""What the nodes leave on the GPU, with the stand-in GPU (anyv2v_core.testing.device_standin) as ComfyUI's
 device: each memory mode after a run, after a cancel and after an out-of-memory error. Looked at
 in the modules (where the weights are, which hooks remain), not in the offloader's bookkeeping.
 ComfyUI's own model management is exercised by the real-host test (test_comfyui_host.py)."""
@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from anyv2v_core.device_standin import OnStandIn, StandInDevice
 from anyv2v_core.errors import AnyV2VOutOfMemory
 from anyv2v_core.memory import weight_bytes
+from anyv2v_core.testing.device_standin import OnStandIn, StandInDevice
 from test_nodes import PROMPT, SIZE, load_pack
 
 FRAMES, INVERSION_STEPS, STEPS = 4, 2, 2  # the third interrupt check is within the sampling steps or the decode
@@ -38,7 +38,7 @@ def nodes(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def source_frames():
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     return moving_square_video(FRAMES, SIZE)
 

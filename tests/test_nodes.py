@@ -56,7 +56,7 @@ def host(pack, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def source_frames():
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     video = moving_square_video(FRAMES + 2, 48)  # more frames and another size than the working ones
     return (video * 255).round() / 255  # 8-bit exact, so PNG files hold the same frames
@@ -212,7 +212,7 @@ def build_tiny_instruct_pix2pix(folder):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from anyv2v_core.tiny_models import write_tokenizer
+    from anyv2v_core.toy.components import write_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(8, 16),
@@ -389,7 +389,7 @@ def test_injected_sampler_defaults_are_the_connected_models_settings(pack, nodes
     """The cfg and negative prompt widgets' defaults mean the backbone's reference settings: on a Wan
     backbone, Wan's (cfg 5, no negative prompt), not I2VGen-XL's (9, the paper's negative prompt)."""
     from anyv2v_core.backbones.i2vgen_xl import NEGATIVE_PROMPT
-    from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video
+    from anyv2v_core.testing.tiny_models import build_tiny_wan, moving_square_video
 
     host = sys.modules["anyv2v_pack.nodes.host"]
     build_tiny_wan(tmp_path / "tiny-wan", "wan2.1-i2v")

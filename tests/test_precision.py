@@ -154,7 +154,7 @@ def test_rotary_frequencies_stay_float32_in_half_precision_models(name):
 def test_a_half_precision_encode_that_overflows_is_redone_in_float32(tiny_model_dir):
     from anyv2v_core.backbones.vae_frames import encode_frames
     from anyv2v_core.loading import load_backbone
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     vaes = {dtype: load_backbone(tiny_model_dir, dtype=dtype).vae for dtype in (torch.float16, torch.float32)}
     for vae in vaes.values():  # activations beyond fp16's range (65504) after the first convolution
@@ -175,7 +175,7 @@ def test_nan_latents_after_inversion_or_sampling_are_a_clear_error_not_a_black_v
     from anyv2v_core.loading import load_backbone
     from anyv2v_core.pipeline import edit, invert_source
     from anyv2v_core.plan import EditSettings
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     backbone = load_backbone(tiny_model_dir)
     source = moving_square_video(4, 32)

@@ -18,7 +18,7 @@ from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.inversion import invert_video
 from anyv2v_core.loading import load_backbone
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import build_tiny_wan, moving_square_video
+from anyv2v_core.testing.tiny_models import build_tiny_wan, moving_square_video
 from anyv2v_core.video import write_image, write_video
 from test_nodes import load_pack
 
@@ -171,7 +171,7 @@ def test_policy_none_moves_the_encoders_off_the_device_before_the_wan_transforme
     the source's and then the edit's conditioning, have left when the transformer next runs. Each
     phase is stopped at its first transformer call: that is the moment the promise is about.
     Mutation: encoders-stay-beside-the-transformer."""
-    from anyv2v_core.device_standin import OnStandIn, StandInDevice
+    from anyv2v_core.testing.device_standin import OnStandIn, StandInDevice
 
     class TransformerReached(Exception):
         pass

@@ -9,7 +9,8 @@ from diffusers import DDIMInverseScheduler
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.inversion import invert_video
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import SCHEDULER_CONFIG, moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
+from anyv2v_core.toy.components import SCHEDULER_CONFIG
 from anyv2v_core.windows import ContextWindows
 from spies import DenoiserCalls, OverwrittenFeatures, injected_names
 

@@ -87,7 +87,7 @@ def test_a_local_folder_loads_and_edits_without_network(tiny_model_dir, no_netwo
     from anyv2v_core.loading import load_backbone
     from anyv2v_core.pipeline import edit
     from anyv2v_core.plan import EditSettings
-    from anyv2v_core.tiny_models import moving_square_video
+    from anyv2v_core.testing.tiny_models import moving_square_video
 
     torch.set_num_threads(1)  # the machine is shared: more threads only contend
     backbone = load_backbone(tiny_model_dir)

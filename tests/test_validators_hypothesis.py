@@ -18,7 +18,7 @@ from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.plan import EditSettings
 from anyv2v_core.plan import check_sampling_settings
 from anyv2v_core.diffusion_schedule import DiffusionSchedule
-from anyv2v_core.tiny_models import SCHEDULER_CONFIG
+from anyv2v_core.toy.components import SCHEDULER_CONFIG
 from anyv2v_core.video import check_size
 from anyv2v_core.windows import ContextWindows
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anyv2v_core.errors import AnyV2VError
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.video import (
     prepare_first_frame,
     prepare_frames,

@@ -20,7 +20,7 @@ from anyv2v_core.inversion import invert_video
 from anyv2v_core.backbones.families import detect_backbone
 from anyv2v_core.loading import load_backbone
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
+from anyv2v_core.testing.tiny_models import WAN_KINDS, build_tiny_wan, moving_square_video
 from conftest import REPO_ROOT
 
 FRAMES = 9  # 3 latent frames

@@ -7,7 +7,7 @@ from anyv2v_core.errors import AnyV2VError
 from anyv2v_core.injection import InjectionSettings
 from anyv2v_core.inversion import invert_video
 from anyv2v_core.sampling import sample_edit
-from anyv2v_core.tiny_models import moving_square_video
+from anyv2v_core.testing.tiny_models import moving_square_video
 from anyv2v_core.windows import ContextWindows, predict_in_windows, window_row
 
 

@@ -3,7 +3,7 @@ one takes: the one registry that tests running over all backbones iterate over, 
 added to the loader is covered without anyone remembering it (`test_device_placement.py` fails
 for a family missing here).
 
-I2VGen-XL and the Wan layouts are written in-process (`anyv2v_core.tiny_models`); ConsistI2V and
+I2VGen-XL and the Wan layouts are written in-process (`anyv2v_core.testing.tiny_models`); ConsistI2V and
 SEINE load their parity oracles' tiny models from ../shared/oracle.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anyv2v_core.backbones.base import Backbone
-from anyv2v_core.tiny_models import build_tiny_i2vgenxl, build_tiny_wan
+from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl, build_tiny_wan
 from anyv2v_core.windows import ContextWindows
 from conftest import oracle_path
 

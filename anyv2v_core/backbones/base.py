@@ -27,6 +27,7 @@ from ..windows import ContextWindows
 
 if TYPE_CHECKING:
     from ..memory import ActivationProfile
+    from ..offload import Offloader
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,13 @@ class Backbone(ABC):
     defaults: BackboneDefaults
     injection_layers: InjectionLayers  # the paper's default injection points for this model
     vae_scale_factor: int  # pixels per latent pixel
-    device: torch.device
     dtype: torch.dtype
+    # Places the weights under an offload policy and owns the execution device (`device` reads it);
+    # `set_offload` and `to` replace it. None until the first policy.
+    offloader: "Offloader | None" = None
+    # The device the constructor was given: where the networks run until the first policy places them
+    # (every loader ends with `to(device)`; only a backbone built directly runs here unplaced).
+    initial_device: torch.device
     # Leading frames of the video that the model takes as a condition and does not generate
     # (ConsistI2V: the first frame). Inverted and sampled latents hold only the other frames;
     # `video_latents` puts the condition frames back in front.
@@ -187,6 +193,17 @@ class Backbone(ABC):
         sampled with: the same tensor unless `conditioning_frames` > 0."""
         return latents
 
+    @property
+    def device(self) -> torch.device:
+        """The execution device. Its one owner is the offloader, so that the device the inputs go to
+        is always the one the weights are placed on; `to` and `set_offload` change both at once."""
+        return self.initial_device if self.offloader is None else self.offloader.device
+
+    @device.setter
+    def device(self, device: torch.device | str) -> None:
+        raise AttributeError(f"{self.name}'s device is set with its offload policy, which places the weights there: "
+                             f"call .to({str(device)!r}) or .set_offload(policy, {str(device)!r})")
+
     def to(self, device: torch.device | str) -> "Backbone":
         """Move every network to `device`, dropping any offload policy."""
         self.set_offload("none", device)
@@ -194,14 +211,13 @@ class Backbone(ABC):
 
     def set_offload(self, policy: str, device: torch.device | str | None = None) -> None:
         """Run on `device` (default: the current execution device) with an offload policy
-        ("none", "model", "sequential"; see `memory.py`)."""
-        from ..memory import Offloader
+        ("none", "model", "sequential"; see `offload.py`)."""
+        from ..offload import Offloader
 
-        previous = getattr(self, "offloader", None)
-        if previous is not None:
-            previous.release()
-        self.device = torch.device(device) if device is not None else self.device
-        self.offloader = Offloader(self.modules(), self.device, policy)
+        device = self.device if device is None else torch.device(device)
+        if self.offloader is not None:
+            self.offloader.release()
+        self.offloader = Offloader(self.modules(), device, policy)
 
     @abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]:

@@ -117,7 +117,7 @@ class ConsistI2VBackbone(Backbone):
         self.source_branch_first_frame = source_branch_first_frame
         self.vae_scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.device, self.dtype = torch.device(device), dtype
+        self.initial_device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self._first_frame_latent = FirstFrameLatent()
 

@@ -85,7 +85,7 @@ class I2VGenXLBackbone(Backbone):
         self.clip_std = torch.tensor(clip_image_config.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
         self.vae_scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.device, self.dtype = torch.device(device), dtype
+        self.initial_device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self._first_frame_latent = FirstFrameLatent()
 

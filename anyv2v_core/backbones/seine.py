@@ -72,7 +72,7 @@ class SeineBackbone(Backbone):
         self.schedule = DiffusionSchedule.from_scheduler_config(scheduler_config, **SCHEDULE_OVERRIDES)
         self.vae_scaling_factor = float(vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.device, self.dtype = torch.device(device), dtype
+        self.initial_device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         self._grey_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._first_frame_latent = FirstFrameLatent()

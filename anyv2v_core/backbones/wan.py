@@ -173,7 +173,7 @@ class WanBackbone(Backbone):
         self.latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         blocks = range(int(first.num_layers)) if attention_blocks is None else attention_blocks
         self.injection_layers = injection_layers_for(list(transformers), blocks)
-        self.device, self.dtype = torch.device(device), dtype
+        self.initial_device, self.dtype = torch.device(device), dtype
         self._text_cache: dict[str, torch.Tensor] = {}
         # the negative and positive rows share the edited frame: its VAE and CLIP encodings run once
         self._first_frame_latents, self._first_frame_tokens = FirstFrameLatent(), FirstFrameLatent()

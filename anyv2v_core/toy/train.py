@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ..backbones.i2vgen_xl import NEGATIVE_PROMPT, I2VGenXLBackbone  # noqa: E402
-from ..tiny_models import MODEL_INDEX, SCHEDULER_CONFIG, write_tokenizer  # noqa: E402
+from .components import MODEL_INDEX, SCHEDULER_CONFIG, write_tokenizer  # noqa: E402
 from . import world  # noqa: E402
 
 HELD_OUT_SEED = 1_000_000_000  # evaluation clips use seeds >= this; training never does

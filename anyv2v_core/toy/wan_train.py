@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ..tiny_models import WAN_SCHEDULER_CONFIG, tiny_umt5, write_character_tokenizer  # noqa: E402
+from .components import WAN_SCHEDULER_CONFIG, tiny_umt5, write_character_tokenizer  # noqa: E402
 from . import world  # noqa: E402
 from .train import HELD_OUT_SEED  # noqa: E402  (evaluation clips use seeds >= this; training never does)
 
