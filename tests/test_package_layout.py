@@ -1,0 +1,59 @@
+"""The tools for tests (anyv2v_core/testing: the stand-in device, the tiny random models) are not
+part of the runtime: the engine, the nodes and the pack's entry point never import them, and the
+registry's zip leaves them out (.comfyignore)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO_ROOT
+
+TESTING = "anyv2v_core.testing"
+PACKAGE_FILES = [*(REPO_ROOT / "anyv2v_core").rglob("*.py"), *(REPO_ROOT / "nodes").rglob("*.py"),
+                 REPO_ROOT / "__init__.py"]
+RUNTIME_FILES = sorted(path for path in PACKAGE_FILES
+                       if not path.is_relative_to(REPO_ROOT / "anyv2v_core" / "testing"))
+
+
+def imported_names(source: str, package: list[str]) -> set[str]:
+    """Every module (and imported name) a file of `package` (its dotted parts) imports, relative
+    imports resolved: `from ..x import y` in anyv2v_core.toy gives anyv2v_core.x and anyv2v_core.x.y."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def package_of(path: Path) -> list[str]:
+    return list(path.relative_to(REPO_ROOT).parent.parts)
+
+
+def test_the_import_reader_resolves_relative_imports_of_the_testing_package():
+    toy = ["anyv2v_core", "toy"]
+    assert "anyv2v_core.testing.tiny_models" in imported_names("from ..testing.tiny_models import WAN_KINDS", toy)
+    assert "anyv2v_core.testing" in imported_names("from .. import testing", toy)
+    assert "anyv2v_core.testing.device_standin" in imported_names("import anyv2v_core.testing.device_standin", [])
+    assert not {n for n in imported_names("from .components import write_tokenizer", toy) if n.startswith(TESTING)}
+
+
+def test_no_runtime_module_imports_the_tools_for_tests():
+    assert len(RUNTIME_FILES) > 30 and REPO_ROOT / "anyv2v_core" / "toy" / "train.py" in RUNTIME_FILES
+    offenders = {}
+    for path in RUNTIME_FILES:
+        names = imported_names(path.read_text(), package_of(path))
+        offenders[str(path.relative_to(REPO_ROOT))] = sorted(
+            name for name in names if name == TESTING or name.startswith(TESTING + "."))
+    assert not {path: names for path, names in offenders.items() if names}, \
+        "runtime code imports anyv2v_core/testing (left out of the registry's zip): move what it needs beside it"
+
+
+def test_the_registry_zip_leaves_the_tools_for_tests_out():
+    ignored = (REPO_ROOT / ".comfyignore").read_text().splitlines()
+    assert "anyv2v_core/testing/" in ignored
