@@ -233,6 +233,10 @@ MUTATIONS = [
              "-extra_memory)\n", "",
              (NATIVE + "test_native_check[backbone_patcher_follows_newer_comfyuis_calls]",)),
     # ------------------------------------------------------------------ windows.py
+    Mutation("windows-imports-the-backbone-interface", "anyv2v_core/windows.py",
+             "    num_frames = latents.shape[2]\n    if windows is None",
+             "    from .backbones.base import Backbone  # noqa: F401\n    num_frames = latents.shape[2]\n    if windows is None",
+             ("tests/test_package_layout.py::test_the_engine_has_no_import_circles",)),
     Mutation("windows-not-normalised", "anyv2v_core/windows.py",
              "return blended / total[None, None, :, None, None]", "return blended",
              ("tests/test_windows.py",)),

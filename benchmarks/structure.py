@@ -1,8 +1,8 @@
 """The engine's structure in numbers: its import circles, and the files one edit walks through.
 
-Imports: every `import` of an `anyv2v_core` module by another (module level, inside functions and
-under TYPE_CHECKING alike: each is a dependency a reader follows), read from the source with `ast`.
-A circle is a strongly connected group of two or more modules.
+Imports: every `import` of an `anyv2v_core` module by another (`anyv2v_core/testing/imports.py`:
+module level, inside functions and under TYPE_CHECKING alike). A circle is a strongly connected
+group of two or more modules.
 
 Walk: `pipeline.edit` on the shipped toy I2VGen-XL, traced with `sys.setprofile`. Every engine
 function called at most `--depth` calls below `edit` is listed once, in the order of its first
@@ -16,78 +16,13 @@ A move is a change of file between neighbours, a return a move into a file the w
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = "anyv2v_core"
+sys.path.insert(0, str(REPO))
 
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def engine_modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted((REPO / PACKAGE).rglob("*.py"))}
-
-
-def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The engine modules `name` imports anywhere in its source."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            # `from pkg import sub` imports the submodule where one has that name
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-        else:
-            continue
-        found |= {target for target in targets if target in modules and target != name}
-    return found
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = engine_modules()
-    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
-
-
-def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected groups of two or more modules (Tarjan's algorithm)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    groups: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for target in sorted(graph[node]):
-            if target not in index:
-                visit(target)
-                low[node] = min(low[node], low[target])
-            elif target in stack:
-                low[node] = min(low[node], index[target])
-        if low[node] == index[node]:
-            group = []
-            while True:
-                member = stack.pop()
-                group.append(member)
-                if member == node:
-                    break
-            if len(group) > 1:
-                groups.append(sorted(group))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return sorted(groups)
+from anyv2v_core.testing.imports import ENGINE, import_circles, import_graph  # noqa: E402
 
 
 def traced_edit(steps: int) -> list[tuple[int, str, str]]:
@@ -104,7 +39,7 @@ def traced_edit(steps: int) -> list[tuple[int, str, str]]:
     source = torch.from_numpy(world.render(scene))
     edited_first_frame = source[:1].flip(-1)  # any other first frame: the walk does not depend on it
     settings = type(SETTINGS)(**{**SETTINGS.__dict__, "inversion_steps": 2 * steps, "steps": steps})
-    engine = str(REPO / PACKAGE)
+    engine = str(REPO / ENGINE)
     calls: list[tuple[int, str, str]] = []
     depth = -1  # -1: outside `edit`
 
@@ -175,5 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -1,38 +1,19 @@
-"""The tools for tests (anyv2v_core/testing: the stand-in device, the tiny random models) are not
-part of the runtime: the engine, the nodes and the pack's entry point never import them, and the
-registry's zip leaves them out (.comfyignore)."""
+"""The package's layers (docs/architecture.md): the engine has no import circles, and the tools for
+tests (anyv2v_core/testing: the stand-in device, the tiny random models) are not part of the
+runtime: the engine, the nodes and the pack's entry point never import them, and the registry's
+zip leaves them out (.comfyignore)."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 from conftest import REPO_ROOT
+
+from anyv2v_core.testing.imports import import_circles, import_graph, imported_names, package_of
 
 TESTING = "anyv2v_core.testing"
 PACKAGE_FILES = [*(REPO_ROOT / "anyv2v_core").rglob("*.py"), *(REPO_ROOT / "nodes").rglob("*.py"),
                  REPO_ROOT / "__init__.py"]
 RUNTIME_FILES = sorted(path for path in PACKAGE_FILES
                        if not path.is_relative_to(REPO_ROOT / "anyv2v_core" / "testing"))
-
-
-def imported_names(source: str, package: list[str]) -> set[str]:
-    """Every module (and imported name) a file of `package` (its dotted parts) imports, relative
-    imports resolved: `from ..x import y` in anyv2v_core.toy gives anyv2v_core.x and anyv2v_core.x.y."""
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
-
-
-def package_of(path: Path) -> list[str]:
-    return list(path.relative_to(REPO_ROOT).parent.parts)
 
 
 def test_the_import_reader_resolves_relative_imports_of_the_testing_package():
@@ -57,3 +38,14 @@ def test_no_runtime_module_imports_the_tools_for_tests():
 def test_the_registry_zip_leaves_the_tools_for_tests_out():
     ignored = (REPO_ROOT / ".comfyignore").read_text().splitlines()
     assert "anyv2v_core/testing/" in ignored
+
+
+def test_the_circle_finder_finds_circles_and_only_circles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}, "f": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]
+
+
+def test_the_engine_has_no_import_circles():
+    graph = import_graph()
+    assert "anyv2v_core.plan" in graph["anyv2v_core.pipeline"]  # the reader sees the engine's imports
+    assert import_circles(graph) == [], "a module imports a module that imports it back: move the shared part below both"
