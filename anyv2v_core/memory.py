@@ -144,14 +144,6 @@ def activation_bytes(backbone, *, frames: int, size_wh: tuple[int, int], rows: i
     return int(denoiser * itemsize), int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize)
 
 
-def device_memory(device: torch.device) -> int:
-    """Total memory of an accelerator in bytes (0 for the CPU: nothing to choose there)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return 0
-
-
 def device_free_memory(device: torch.device) -> int:
     """Free memory of a CUDA device in bytes as the driver reports it, other processes' use taken off."""
     return torch.cuda.mem_get_info(execution_device(device))[0]

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anyv2v_core import pipeline  # noqa: E402
 from anyv2v_core.injection import FeatureInjector, InjectionPlan, InjectionSettings, injected  # noqa: E402
 from anyv2v_core.loading import load_backbone  # noqa: E402
+from anyv2v_core.plan import EditSettings  # noqa: E402
 from anyv2v_core.sampling import sample_edit  # noqa: E402
 from anyv2v_core.testing.tiny_models import build_tiny_i2vgenxl, moving_square_video  # noqa: E402
 
@@ -137,11 +138,11 @@ class EditRun:
     result: pipeline.EditResult
 
 
-def run_edit(backbone, frames, first_frame, settings: pipeline.EditSettings, now: Callable[[], float], *,
+def run_edit(backbone, frames, first_frame, settings: EditSettings, now: Callable[[], float], *,
              record: bool = False) -> EditRun:
     """`pipeline.edit` with every phase timed and, when `record`, every UNet call's inputs cloned.
 
-    The loops' exclusive time is what remains of `invert_video` / `sample_edit` once the UNet
+    The loops' exclusive time is what remains of `run_inversion` / `run_sampling` once the UNet
     forward and the conditioning encoders are taken out: the loops' own overhead.
     """
     clock, calls, peaks = Clock(now), [], {}
@@ -175,8 +176,8 @@ def run_edit(backbone, frames, first_frame, settings: pipeline.EditSettings, now
         set_step(injector, active_kinds, num_rows)
 
     with ExitStack() as stack:
-        stack.enter_context(patched(pipeline, "invert_video", phase("inversion", pipeline.invert_video)))
-        stack.enter_context(patched(pipeline, "sample_edit", phase("sampling", pipeline.sample_edit)))
+        stack.enter_context(patched(pipeline, "run_inversion", phase("inversion", pipeline.run_inversion)))
+        stack.enter_context(patched(pipeline, "run_sampling", phase("sampling", pipeline.run_sampling)))
         stack.enter_context(patched(FeatureInjector, "set_step", recording_set_step))
         # condition() encodes the first frame through encode_video: the clock keeps them apart
         stack.enter_context(patched(backbone, "condition", clock.wrap("condition", backbone.condition)))
@@ -227,7 +228,7 @@ def markdown(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def profile_edit(backbone, frames, first_frame, settings: pipeline.EditSettings, top: int) -> None:
+def profile_edit(backbone, frames, first_frame, settings: EditSettings, top: int) -> None:
     """cProfile one edit and print its top functions by cumulative time: what is not under the UNet's
     forward there is what a leaner engine could save."""
     import cProfile
@@ -269,7 +270,7 @@ def main() -> None:
         backbone = load_backbone(model_dir, dtype="fp32", device="cpu")
     source = moving_square_video(args.frames, args.size)
     edited_first_frame = source[:1].flip(-1)  # stands in for an edited first frame
-    settings = pipeline.EditSettings(size_wh=(args.size, args.size), num_frames=args.frames,
+    settings = EditSettings(size_wh=(args.size, args.size), num_frames=args.frames,
                                      inversion_steps=args.inversion_steps, steps=args.steps)
     resolved = settings.resolved(backbone.defaults)
     taus = resolved.injection
