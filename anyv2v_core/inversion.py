@@ -71,20 +71,16 @@ def invert_video(
     backbone: Backbone,
     frames: torch.Tensor,
     *,
-    inversion_steps: int = 500,
-    sampling_steps: int = 50,
-    fps: int = 8,
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
-    windows: ContextWindows | None = None,
-    order: int | None = None,
     source_row: RowCondition | None = None,
+    **settings,
 ) -> Inversion:
-    """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise: plan the
-    inversion (`plan.plan_inversion`, which checks every argument) and run it."""
-    plan = plan_inversion(backbone, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps, fps=fps,
-                          windows=windows, order=order)
-    return run_inversion(backbone, plan, progress=progress, generator=generator, source_row=source_row)
+    """Invert prepared frames [F, H, W, 3] (already at the working size) towards noise:
+    `plan.plan_inversion` checks the `settings` (inversion_steps, sampling_steps, fps, windows,
+    order) and `run_inversion` runs the plan."""
+    return run_inversion(backbone, plan_inversion(backbone, frames, **settings), progress=progress,
+                         generator=generator, source_row=source_row)
 
 
 @guard_out_of_memory("inversion")

@@ -282,7 +282,15 @@ def plan_sampling(
     keep_source_row: bool = False,
 ) -> SamplingPlan:
     """Check an injected sampling run from `inversion` (made, or planned) with the edited first
-    frame [1, H, W, 3] at the working size. See `sampling.sample_edit` for the arguments."""
+    frame [1, H, W, 3] at the working size.
+
+    Sampling integrates with the solver order the inversion used. `sampler` names a sampler of
+    DDPM-family backbones: "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference
+    edits); None takes the backbone's. DDPM draws its noise from a CPU generator seeded with
+    `seed`, or replays `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
+    `initial_latents` replaces the inverted start latent (the paper's "random noise" ablation).
+    `keep_source_row` runs the source row at every step, as the reference does; the result is the
+    same, at the cost of one more row per step after the last injection window."""
     steps = inversion.sampling_steps
     check_sampling_settings(steps, cfg, start_index)
     check_seed(seed)

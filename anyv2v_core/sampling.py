@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .backbones.base import Backbone, RowCondition
-from .injection import InjectionSettings, injected, rows_in_sequence
+from .injection import injected, rows_in_sequence
 from .inversion import Inversion, Progress, check_finite
 from .memory import guard_out_of_memory
 from .plan import SamplingPlan, plan_sampling
@@ -33,34 +33,14 @@ def sample_edit(
     inversion: Inversion,
     edited_first_frame: torch.Tensor,
     *,
-    prompt: str,
-    negative_prompt: str,
-    injection: InjectionSettings = InjectionSettings(),
-    cfg: float = 9.0,
-    start_index: int = 0,
     progress: Progress | None = None,
-    initial_latents: torch.Tensor | None = None,
-    sampler: str | None = None,
-    seed: int = 0,
-    noise: torch.Tensor | None = None,
-    keep_source_row: bool = False,
     edit_rows: tuple[RowCondition, RowCondition] | None = None,
+    **settings,
 ) -> torch.Tensor:
     """Edited latents [1, C, F, h, w] float32 from an inversion and an edited first frame [1, H, W, 3]:
-    plan the run (`plan.plan_sampling`, which checks every argument) and run it.
-
-    Sampling integrates with the solver order the inversion used. `initial_latents` replaces the
-    inverted start latent (the paper's "random noise" ablation). `sampler` names a sampler of
-    DDPM-family backbones: "ddim" (deterministic) or "ddpm" (ancestral, as the SEINE reference
-    edits); None takes the backbone's. DDPM draws its noise from a CPU generator seeded with
-    `seed`, or replays `noise` [steps run - 1, 1, C, F, h, w] (the last step adds none).
-    `keep_source_row` runs the source row at every step, as the reference does; the result is the
-    same, at the cost of one more row per step after the last injection window.
-    `edit_rows`: see `run_sampling`.
-    """
-    plan = plan_sampling(backbone, inversion, edited_first_frame, prompt=prompt, negative_prompt=negative_prompt,
-                         injection=injection, cfg=cfg, start_index=start_index, sampler=sampler, seed=seed,
-                         noise=noise, initial_latents=initial_latents, keep_source_row=keep_source_row)
+    `plan.plan_sampling` checks the edit's `settings` (prompt, negative_prompt, injection, cfg,
+    start_index, sampler, seed, ...) and `run_sampling` runs the plan."""
+    plan = plan_sampling(backbone, inversion, edited_first_frame, **settings)
     return run_sampling(backbone, inversion, plan, progress=progress, edit_rows=edit_rows)
 
 
