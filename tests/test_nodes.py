@@ -449,20 +449,36 @@ def test_inversion_validation(pack):
     assert validate(None, 50) is True  # linked inputs are checked when the graph runs
 
 
-@pytest.mark.parametrize("width, window_length, window_overlap, message", [
-    (60, 0, 4, "multiples of 8"), (SIZE, 4, 4, "window overlap must be in 0..3"), (SIZE, 1, 0, "window length")])
-def test_inversion_checks_size_and_windows_before_any_model_work(nodes, graph, source_frames, monkeypatch, width,
-                                                                 window_length, window_overlap, message):
-    """Size and windows are checked when the node runs (VALIDATE_INPUTS takes only the step counts, see the
-    node): the error comes before the node touches the model."""
+@pytest.mark.parametrize("width, window_length, window_overlap, inversion_steps, message", [
+    (60, 0, 4, INVERSION_STEPS, "multiples of 8"), (SIZE, 4, 4, INVERSION_STEPS, "window overlap must be in 0..3"),
+    (SIZE, 1, 0, INVERSION_STEPS, "window length"),
+    # linked step counts reach the node unvalidated (VALIDATE_INPUTS sees None): the plan refuses them
+    (SIZE, 0, 4, STEPS + 1, "use an inversion step count among")])
+def test_inversion_checks_size_windows_and_steps_before_any_model_work(nodes, graph, source_frames, monkeypatch,
+                                                                       width, window_length, window_overlap,
+                                                                       inversion_steps, message):
+    """Size, windows and steps are checked when the node runs (VALIDATE_INPUTS takes only the step counts, see
+    the node): the error comes before the node touches the model."""
     from anyv2v_core.errors import AnyV2VError
 
     backbone, _, _ = graph
     monkeypatch.setattr(sys.modules["anyv2v_pack.nodes.host"], "on_compute_device",
-                        lambda handle: pytest.fail("the model was set up before the inputs were checked"))
+                        lambda *_, **__: pytest.fail("the model was set up before the inputs were checked"))
     with pytest.raises(AnyV2VError, match=message):
-        nodes["DDIMInvertVideo"].invert(backbone, source_frames, width, SIZE, "stretch", FRAMES, 8, INVERSION_STEPS,
+        nodes["DDIMInvertVideo"].invert(backbone, source_frames, width, SIZE, "stretch", FRAMES, 8, inversion_steps,
                                         STEPS, window_length, window_overlap)
+
+
+def test_sampler_checks_its_plan_before_any_model_work(pack, nodes, graph, edited_frame, monkeypatch):
+    """A layer the model lacks (or any other bad setting) is refused before the model is set up on the GPU."""
+    from anyv2v_core.errors import AnyV2VError
+
+    backbone, inversion, _ = graph
+    (features,) = nodes["CaptureFeatures"].plan(inversion, 0.2, 0.2, 0.5, 0, "conv: up_blocks.9.resnets.0.conv2")
+    monkeypatch.setattr(sys.modules["anyv2v_pack.nodes.host"], "on_compute_device",
+                        lambda *_, **__: pytest.fail("the model was set up before the plan was checked"))
+    with pytest.raises(AnyV2VError, match="up_blocks.9.resnets.0.conv2"):
+        nodes["InjectedSampler"].sample(backbone, features, edited_frame, PROMPT, negative_prompt(pack), 9.0, 1, "auto", 0)
 
 
 def test_capture_features_validation(pack, graph, nodes):
