@@ -22,18 +22,13 @@ def encode_frames(vae, frames: torch.Tensor, *, scaling_factor: float, device: t
     """Latents [1, C, F, h, w] float32 (times `scaling_factor`) of frames [F, H, W, 3] in 0..1.
 
     The posterior mean, unless `generator` is given: then the posterior is sampled with it. A frame
-    whose half-precision encoding is not finite is encoded again in float32, as `decode_latents` does.
+    whose half-precision encoding is not finite is encoded again in float32 (`Float32Redo`).
     """
-    latents, vae_float32 = [], None
+    latents, redo = [], Float32Redo(vae, "encode")
     for index, frame in enumerate(frames):
         pixels = (frame.permute(2, 0, 1).unsqueeze(0) * 2 - 1).to(device)
-        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-        if vae.dtype != torch.float32 and not torch.isfinite(posterior.parameters).all():
-            logger.warning("the %s VAE encode of frame %d overflowed; encoding it in float32",
-                           str(vae.dtype).removeprefix("torch."), index)
-            if vae_float32 is None:
-                vae_float32 = float32_copy(vae)
-            posterior = vae_float32.encode(pixels.to(torch.float32)).latent_dist
+        posterior = redo(lambda model, x: model.encode(x).latent_dist, pixels, f"frame {index}",
+                         values=lambda posterior: posterior.parameters)
         latent = posterior.mean if generator is None else posterior.sample(generator)
         latents.append(latent.to(torch.float32) * scaling_factor)
     return torch.stack(latents, dim=2)
@@ -59,13 +54,33 @@ class FirstFrameLatent:
         return self._latent
 
 
-def float32_copy(vae):
-    """A float32 copy of a half-precision VAE on the same device (built on the meta device, so no
-    random initialisation), for the chunks whose half-precision decode overflows."""
-    with torch.device("meta"):
-        copy = type(vae).from_config(vae.config)
-    copy.load_state_dict({key: value.to(torch.float32) for key, value in vae.state_dict().items()}, assign=True)
-    return copy.eval().requires_grad_(False)
+class Float32Redo:
+    """A half-precision VAE's calls, each run again in float32 where its output is not finite (the SD
+    VAE's activations can exceed fp16's range) rather than clamped into a wrong image. The float32
+    copy is built at the first overflow, once, and the VAE itself is left as it was."""
+
+    def __init__(self, vae, action: str) -> None:
+        self.vae, self.action, self._float32 = vae, action, None
+
+    def __call__(self, call: Callable, inputs: torch.Tensor, where: str, values: Callable = lambda output: output):
+        """`call(vae, inputs)`, or `call(float32 copy, inputs)` when `values(output)` is not finite."""
+        output = call(self.vae, inputs.to(self.vae.dtype))
+        if self.vae.dtype == torch.float32 or torch.isfinite(values(output)).all():
+            return output
+        logger.warning("the %s VAE %s of %s overflowed; doing it again in float32",
+                       str(self.vae.dtype).removeprefix("torch."), self.action, where)
+        del output
+        if self._float32 is None:
+            self._float32 = self.float32_copy()
+        return call(self._float32, inputs.to(torch.float32))
+
+    def float32_copy(self):
+        """A float32 copy of the VAE on the same device (built on the meta device: no random initialisation)."""
+        with torch.device("meta"):
+            copy = type(self.vae).from_config(self.vae.config)
+        copy.load_state_dict({key: value.to(torch.float32) for key, value in self.vae.state_dict().items()},
+                             assign=True)
+        return copy.eval().requires_grad_(False)
 
 
 @guard_out_of_memory("decoding")
@@ -74,22 +89,15 @@ def decode_latents(vae, latents: torch.Tensor, *, scaling_factor: float, device:
                    chunk_size: int = 1, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Frames [F, H, W, 3] float32 in 0..1 on the CPU from latents [1, C, F, h, w], `chunk_size` frames at a time.
 
-    A chunk whose half-precision decode is not finite (the SD VAE's activations can exceed fp16's
-    range) is decoded again in float32, rather than clamped into a wrong image.
+    A chunk whose half-precision decode is not finite is decoded again in float32 (`Float32Redo`).
     `progress(frames done, frames)` is called after each chunk; it may raise to cancel."""
     frames_latents = latents[0].permute(1, 0, 2, 3) / scaling_factor  # [F, C, h, w]
     chunk_size = max(1, int(chunk_size))
-    frames, vae_float32 = [], None
+    frames, redo = [], Float32Redo(vae, "decode")
     for start in range(0, frames_latents.shape[0], chunk_size):
         chunk = frames_latents[start : start + chunk_size].to(device)
-        pixels = vae.decode(chunk.to(vae.dtype), return_dict=False)[0]
-        if vae.dtype != torch.float32 and not torch.isfinite(pixels).all():
-            logger.warning("the %s VAE decode of frames %d-%d overflowed; decoding them in float32",
-                           str(vae.dtype).removeprefix("torch."), start, start + chunk.shape[0] - 1)
-            del pixels
-            if vae_float32 is None:
-                vae_float32 = float32_copy(vae)
-            pixels = vae_float32.decode(chunk.to(torch.float32), return_dict=False)[0]
+        pixels = redo(lambda model, x: model.decode(x, return_dict=False)[0], chunk,
+                      f"frames {start}-{start + chunk.shape[0] - 1}")
         frames.append((pixels.to(torch.float32) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         if progress is not None:
             progress(start + chunk.shape[0], frames_latents.shape[0])
