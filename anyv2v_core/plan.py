@@ -247,6 +247,16 @@ def plan_inversion(backbone: Backbone, frames: torch.Tensor, *, inversion_steps:
                          keep=frozenset(schedule.source_levels(sampling_steps, order=order) | {start}), start=start)
 
 
+def video_frames_per_call(backbone: Backbone, inversion: InversionFacts) -> int:
+    """Video frames one model call of the inversion, or of sampling from it, sees: the clip, or one
+    window of its generated frames, plus any conditioning frame. What memory is sized for: the
+    inversion's windows count latent frames, which a temporally compressing VAE (Wan) packs 4 to 1."""
+    generated = inversion.num_frames - backbone.conditioning_frames
+    if inversion.windows is not None:
+        generated = min(generated, (inversion.windows.length - 1) * backbone.defaults.frame_stride + 1)
+    return generated + backbone.conditioning_frames
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """A checked injected sampling run: what `sampling.run_sampling` runs."""

@@ -237,12 +237,6 @@ def _patcher_class():
     return BackbonePatcher
 
 
-def frames_per_call(backbone, num_frames: int, windows) -> int:
-    """Frames one UNet call sees: the clip, or a window of its generated frames, plus any conditioning frame."""
-    generated = num_frames - backbone.conditioning_frames
-    return (generated if windows is None else min(generated, windows.length)) + backbone.conditioning_frames
-
-
 @contextmanager
 def on_compute_device(handle, *, frames: int | None = None, size_wh: tuple[int, int] | None = None, rows: int = 3,
                       decode_chunk_size: int = 1) -> Iterator:

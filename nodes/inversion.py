@@ -121,14 +121,14 @@ class DDIMInvertVideo:
     def invert(self, backbone, source_frames, width, height, resize, frame_count, fps, inversion_steps,
                sampling_steps, window_length, window_overlap):
         from anyv2v_core.inversion import run_inversion
-        from anyv2v_core.plan import plan_inversion
+        from anyv2v_core.plan import plan_inversion, video_frames_per_call
         from anyv2v_core.video import prepare_frames
 
         windows = context_windows(window_length, window_overlap)
         frames = prepare_frames(source_frames, size_wh=(width, height), resize=resize, num_frames=frame_count)
         plan = plan_inversion(backbone.backbone, frames, inversion_steps=inversion_steps, sampling_steps=sampling_steps,
                               fps=fps, windows=windows)
-        with host.on_compute_device(backbone, frames=host.frames_per_call(backbone.backbone, frame_count, windows),
+        with host.on_compute_device(backbone, frames=video_frames_per_call(backbone.backbone, plan),
                                     size_wh=(width, height), rows=1) as model:
             inversion = run_inversion(model, plan, progress=host.progress_bar(inversion_steps))
         host.logger.info("inverted %d frames at %dx%d in %d steps", frame_count, width, height, inversion_steps)

@@ -62,7 +62,7 @@ class InjectedSampler:
 
     def sample(self, backbone, features, edited_first_frame, prompt, negative_prompt, cfg, decode_chunk_size,
                sampler, ddpm_seed):
-        from anyv2v_core.plan import plan_sampling
+        from anyv2v_core.plan import plan_sampling, video_frames_per_call
         from anyv2v_core.sampling import run_sampling
         from anyv2v_core.video import prepare_first_frame
 
@@ -76,7 +76,7 @@ class InjectedSampler:
                              injection=features.injection_for(backbone.backbone), cfg=cfg,
                              start_index=features.start_index, sampler=None if sampler == "auto" else sampler,
                              seed=ddpm_seed)
-        frames = host.frames_per_call(backbone.backbone, inversion.num_frames, inversion.windows)
+        frames = video_frames_per_call(backbone.backbone, inversion)
         with host.on_compute_device(backbone, frames=frames, size_wh=inversion.size_wh, rows=3,
                                     decode_chunk_size=decode_chunk_size) as model:
             latents = run_sampling(model, inversion, plan, progress=host.progress_bar(len(plan.steps)))

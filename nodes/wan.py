@@ -152,7 +152,7 @@ class AnyV2VFlowInvertVideo:
         from anyv2v_core.errors import AnyV2VError
         from anyv2v_core.flow_schedule import FlowMatchingSchedule
         from anyv2v_core.inversion import run_inversion
-        from anyv2v_core.plan import plan_inversion
+        from anyv2v_core.plan import plan_inversion, video_frames_per_call
         from anyv2v_core.video import prepare_frames
 
         model = backbone.backbone
@@ -169,7 +169,7 @@ class AnyV2VFlowInvertVideo:
                 raise AnyV2VError("empty_prompt: connect CLIPTextEncode of an empty text (the source branch's prompt)")
             (source_row,) = model.rows_for(frames[:1], empty_prompt, num_frames=frame_count,
                                            clip_vision_output=clip_vision_output)
-        with host.on_compute_device(backbone, frames=host.frames_per_call(model, frame_count, windows),
+        with host.on_compute_device(backbone, frames=video_frames_per_call(model, plan),
                                     size_wh=(width, height), rows=1) as running:
             inversion = run_inversion(running, plan, source_row=source_row, progress=host.progress_bar(steps))
         start = inversion.latent_at(plan.start)
@@ -213,7 +213,7 @@ class AnyV2VWanSampler:
 
     def sample(self, backbone, features, positive, negative, edited_first_frame, cfg, clip_vision_output=None):
         from anyv2v_core.errors import AnyV2VError
-        from anyv2v_core.plan import plan_sampling
+        from anyv2v_core.plan import plan_sampling, video_frames_per_call
         from anyv2v_core.sampling import run_sampling
         from anyv2v_core.video import prepare_first_frame
 
@@ -230,7 +230,7 @@ class AnyV2VWanSampler:
                              injection=features.injection_for(model), cfg=cfg, start_index=features.start_index)
         rows = model.rows_for(first_frame, positive, negative, num_frames=inversion.num_frames,
                               clip_vision_output=clip_vision_output)
-        with host.on_compute_device(backbone, frames=host.frames_per_call(model, inversion.num_frames, inversion.windows),
+        with host.on_compute_device(backbone, frames=video_frames_per_call(model, inversion),
                                     size_wh=inversion.size_wh, rows=3) as running:
             latents = run_sampling(running, inversion, plan, edit_rows=tuple(rows),
                                    progress=host.progress_bar(len(plan.steps)))

@@ -283,6 +283,7 @@ def test_a14b_switches_experts_at_the_same_sigma_in_inversion_and_sampling(wan):
 
 
 def test_temporal_windows_count_video_frames_and_one_window_is_no_window(wan):
+    from anyv2v_core.plan import plan_inversion, video_frames_per_call
     from anyv2v_core.windows import ContextWindows
 
     backbone = wan["wan2.1-i2v"]
@@ -298,6 +299,10 @@ def test_temporal_windows_count_video_frames_and_one_window_is_no_window(wan):
     assert torch.equal(whole_latents, plain)
     windowed, windowed_latents = run(ContextWindows(9, 4))  # latent windows of 3 sharing 1 frame
     assert windowed.windows == ContextWindows(3, 1)
+    # memory is sized for the video frames of one window, the same from the inversion and its plan
+    planned = plan_inversion(backbone, frames, inversion_steps=2, sampling_steps=2, windows=ContextWindows(9, 4))
+    assert video_frames_per_call(backbone, windowed) == video_frames_per_call(backbone, planned) == 9
+    assert video_frames_per_call(backbone, whole) == 17
     assert not torch.equal(windowed_latents, plain) and torch.isfinite(windowed_latents).all()
     with pytest.raises(AnyV2VError, match="4k \\+ 1"):
         invert_video(backbone, frames, inversion_steps=2, sampling_steps=2, windows=ContextWindows(8, 4))
