@@ -45,6 +45,33 @@ def test_the_circle_finder_finds_circles_and_only_circles():
     assert import_circles(graph) == [["a", "b", "c"]]
 
 
+# docs/architecture.md's rows, top to bottom: a module imports only from its own row and the rows under it
+LAYERS = (
+    ("anyv2v_core.testing",),
+    ("anyv2v_core.cli", "anyv2v_core.__main__", "anyv2v_core.batch", "anyv2v_core.toy", "anyv2v_core.options"),
+    ("anyv2v_core.pipeline",),
+    ("anyv2v_core.inversion", "anyv2v_core.sampling", "anyv2v_core.inversion_store"),
+    ("anyv2v_core.plan",),
+    ("anyv2v_core.loading", "anyv2v_core.backbones", "anyv2v_core.injection"),
+    ("anyv2v_core.schedule", "anyv2v_core.diffusion_schedule", "anyv2v_core.flow_schedule", "anyv2v_core.windows",
+     "anyv2v_core.video", "anyv2v_core.offload", "anyv2v_core.memory", "anyv2v_core.errors"),
+)
+
+
+def layer_of(module: str) -> int | None:
+    return next((depth for depth, row in enumerate(LAYERS)
+                 if any(module == name or module.startswith(name + ".") for name in row)), None)
+
+
+def test_every_engine_module_sits_in_a_layer_and_imports_only_its_own_or_lower_ones():
+    graph = import_graph()
+    assert [module for module in graph if module != "anyv2v_core" and layer_of(module) is None] == [], \
+        "a new module: give it its row in LAYERS and in docs/architecture.md"
+    upward = [f"{module} -> {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
+              if target != "anyv2v_core" and layer_of(target) < layer_of(module)]
+    assert upward == [], "these imports reach a higher layer: move the shared part down"
+
+
 def test_the_engine_has_no_import_circles():
     graph = import_graph()
     assert "anyv2v_core.plan" in graph["anyv2v_core.pipeline"]  # the reader sees the engine's imports
