@@ -17,7 +17,7 @@ from .backbones.base import Backbone
 from .backbones.families import FAMILIES, detect_backbone, family_of
 from .backbones.folders import resolve_source
 from .errors import AnyV2VError, ModelLoadError
-from .memory import OFFLOAD_POLICIES, auto_policy, available_memory, device_free_memory
+from .memory import OFFLOAD_POLICIES, auto_policy, standalone_available_memory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the UNet backbones' order of preference (Backbone.half_dtypes)
@@ -132,7 +132,8 @@ def load_backbone(
     check_injection_targets(loaded, folder)
     loaded.one_row_at_a_time = one_row_at_a_time
     if offload == "auto":  # nothing to fit off an accelerator; on CUDA, into the memory free now
-        offload = "none" if device.type != "cuda" else auto_policy(loaded, available_memory(device_free_memory(device)))
+        available = standalone_available_memory(device)
+        offload = "none" if available is None else auto_policy(loaded, available)
     loaded.set_offload(offload, device)
     return loaded
 

@@ -144,9 +144,14 @@ def activation_bytes(backbone, *, frames: int, size_wh: tuple[int, int], rows: i
     return int(denoiser * itemsize), int(profile.vae * max(1, decode_chunk_size) * width * height * itemsize)
 
 
-def device_free_memory(device: torch.device) -> int:
-    """Free memory of a CUDA device in bytes as the driver reports it, other processes' use taken off."""
-    return torch.cuda.mem_get_info(execution_device(device))[0]
+def standalone_available_memory(device: torch.device) -> int | None:
+    """`available_memory` without a host to unload anything: CUDA's free memory as the driver reports
+    it (other processes' use taken off) less the engine's reserve; None where there is no device
+    memory to fit (the CPU, or a device torch cannot measure)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return available_memory(torch.cuda.mem_get_info(execution_device(device))[0])
 
 
 # ---------------------------------------------------------------------------------------------- out of memory

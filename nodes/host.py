@@ -153,13 +153,13 @@ def available_device_memory(device) -> int | None:
     or without ComfyUI a device torch cannot measure). Under ComfyUI: what is free now, plus what its
     loaded models hold on the device (it unloads them on demand), minus the memory it keeps for
     inference (--reserve-vram included); without it, CUDA's free memory less the engine's reserve."""
-    from anyv2v_core.memory import available_memory, device_free_memory
+    from anyv2v_core.memory import available_memory, standalone_available_memory
 
     model_management = _model_management()
-    if device.type == "cpu" or (model_management is None and device.type != "cuda"):
-        return None
     if model_management is None:
-        return available_memory(device_free_memory(device))
+        return standalone_available_memory(device)
+    if device.type == "cpu":
+        return None
     unloadable = sum(loaded.model_loaded_memory() for loaded in model_management.current_loaded_models
                      if loaded.device == device)
     return available_memory(model_management.get_free_memory(device), unloadable,
